@@ -1,0 +1,645 @@
+"""The shared cut for transformers' VLM classes: vision tokens are dropped at the entry of the language model.
+
+Adapters decide *where to cut*; methods decide *what to keep*. Every supported family has the same skeleton
+(``model.model`` = ``*Model`` with ``get_placeholder_mask`` and ``language_model``, called with keyword arguments
+only), so one mechanism serves all of them (see ``shared/engineering.md`` of the project for the measurements):
+
+1. a forward pre-hook on ``model.model`` records the call's image inputs (grids, pixels for seeding);
+2. ``model.model.get_placeholder_mask`` is shadowed *on the instance* to record the image / video mask the model
+   itself used;
+3. a forward pre-hook (with kwargs) on ``model.model.language_model`` rewrites its inputs: in prefill it asks the
+   method which vision tokens to keep, then gathers ``inputs_embeds``, ``attention_mask`` and ``position_ids``
+   (1-D, or 3/4 rows for M-RoPE) with one index per row, re-padded on the original side; in every decode step it
+   translates ``generate()``'s bookkeeping (kept in the original, unpruned coordinates) to the pruned cache;
+4. a forward hook on the language model records which cache the prefill filled, so decode steps are recognised
+   by cache identity and unrelated calls pass straight through;
+5. ``create_masks_for_generate`` is shadowed on the instance so static caches get a translated mask.
+
+Everything is an instance-level hook or instance attribute, removed exactly by :meth:`PatchState.remove`.
+Nothing replaces ``forward`` (that would fight accelerate's hooks) and no attention implementation is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import time
+import weakref
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PruneConfig
+from ..errors import (
+    ConfigError,
+    LabelsWhilePruningError,
+    PatchBypassedError,
+    PlaceholderMismatchError,
+    UnsupportedInputError,
+    UnsupportedModelError,
+)
+from ..methods.base import ImageTokens, Method, Selection
+
+__all__ = ["Adapter", "PatchState", "Segment", "content_key", "STATE_ATTR"]
+
+STATE_ATTR = "_vlmprune_state"
+
+
+def content_key(t: torch.Tensor | None) -> int:
+    """A 63-bit hash of (a fixed subsample of) a tensor's values, used to seed randomness by content.
+
+    Args:
+        t: any tensor (typically one image's pixel values); ``None`` gives 0.
+    """
+    if t is None or t.numel() == 0:
+        return 0
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step][:4096].to("cpu", torch.float32).contiguous()
+    digest = hashlib.blake2b(sample.numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclasses.dataclass
+class Segment:
+    """One image (or video) of the batch as it sits in the LLM input.
+
+    Attributes:
+        row: batch row.
+        positions: ``(n,)`` sequence positions of its placeholder tokens in ``row``.
+        grid: ``(t, h, w)`` of the prunable tokens (the last ``t*h*w`` of ``positions``).
+        kind: ``"image"`` / ``"video"``.
+        key: content hash for seeding.
+        prefix: leading tokens that are always kept (e.g. CLS under LLaVA's ``"full"`` feature strategy).
+    """
+
+    row: int
+    positions: torch.Tensor
+    grid: tuple[int, int, int]
+    kind: str
+    key: int
+    prefix: int = 0
+
+
+@dataclasses.dataclass
+class VisionItem:
+    """What an adapter knows about one image of the current call, in the model's global image order."""
+
+    kind: str
+    num_tokens: int
+    grid: tuple[int, int, int]
+    key: int
+    prefix: int = 0
+
+
+@dataclasses.dataclass
+class _Call:
+    """State of one call of the inner VLM (``model.model``)."""
+
+    expects_vision: bool
+    kwargs: dict[str, Any]
+    image_mask: torch.Tensor | None = None
+    video_mask: torch.Tensor | None = None
+    prefill_done: bool = False
+    encoded: dict[str, list[VisionItem]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """What a pruned prefill did, needed to translate every later decode step."""
+
+    idx: torch.Tensor  # [B, Lp] gather index into the original sequence
+    slot_valid: torch.Tensor  # [B, Lp] bool: slot holds a kept (real) token
+    length: int  # L, original prompt length
+    pruned_length: int  # Lp
+    dropped: torch.Tensor  # [B] real tokens dropped per row
+    contiguous: bool
+    cache_ref: Any = None
+
+    def translate_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Map a 2-D mask in original coordinates ``[B, L + t]`` to the pruned cache ``[B, Lp + t]``."""
+        idx = self.idx.to(mask.device)
+        head = mask[:, : self.length].gather(1, idx) * self.slot_valid.to(mask.device, mask.dtype)
+        return torch.cat([head, mask[:, self.length :]], dim=1)
+
+
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _cache_len(cache: Any) -> int:
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except Exception:  # noqa: BLE001 - legacy tuple caches
+        return int(cache[0][0].shape[-2]) if len(cache) else 0
+
+
+class Adapter:
+    """Base adapter. Subclasses set :attr:`model_types` and implement :meth:`describe`.
+
+    Attributes:
+        model_types: ``config.model_type`` values handled.
+        mrope: whether the LLM uses multi-axis RoPE positions (``[3, B, L]``), which must stay the original ones.
+        tested_transformers: human-readable range the adapter was tested on (shown in errors and docs).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    mrope: ClassVar[bool] = False
+    tested_transformers: ClassVar[str] = ""
+
+    # ---- structure -----------------------------------------------------------------------------------------
+    def locate(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """Return ``(vlm, language_model)``, checking the features the cut relies on (not version numbers)."""
+        vlm = getattr(model, "model", None)
+        lm = getattr(vlm, "language_model", None)
+        missing = [
+            name
+            for name, ok in (
+                ("model.model", isinstance(vlm, nn.Module)),
+                ("model.model.language_model", isinstance(lm, nn.Module)),
+                ("model.model.get_placeholder_mask", callable(getattr(vlm, "get_placeholder_mask", None))),
+            )
+            if not ok
+        ]
+        if missing:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type={model.config.model_type!r}) lacks {', '.join(missing)}; "
+                "vlmprune patches transformers' *ForConditionalGeneration classes (transformers "
+                f"{self.tested_transformers}). Pass the ForConditionalGeneration model, not a sub-module."
+            )
+        return vlm, lm
+
+    def describe(
+        self, kind: str, inputs: dict[str, Any], features: list[torch.Tensor], model: nn.Module
+    ) -> list[VisionItem]:
+        """Describe the images (``kind="image"``) or videos that ``get_{kind}_features`` just encoded.
+
+        Args:
+            kind: ``"image"`` or ``"video"``.
+            inputs: the arguments ``get_{kind}_features`` was called with, by name (pixels, grids, ...).
+            features: its per-item outputs, each ``(n_i, D)``, in the model's order.
+        """
+        raise NotImplementedError
+
+    def fallback_item(self, kind: str, feature: torch.Tensor, call: _Call, index: int, model: nn.Module) -> VisionItem:
+        """Describe a pre-encoded item the user passed in ``mm_encoder_outputs`` (no pixels seen)."""
+        n = int(feature.shape[0])
+        return VisionItem(kind, n, (1, 1, n), content_key(feature))
+
+
+class PatchState:
+    """Everything one patch installed on one model; :meth:`remove` undoes all of it."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, config: PruneConfig, method: Method) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.config = config
+        self.method = method
+        self.vlm, self.lm = adapter.locate(model)
+        mode = config.position_mode
+        if adapter.mrope:
+            if mode == "contiguous":
+                raise ConfigError(
+                    f"position_mode='contiguous' is not valid for {model.config.model_type!r}: its M-RoPE positions "
+                    "encode the image grid, so kept tokens must keep their original positions. Use 'auto' or "
+                    "'original'."
+                )
+            mode = "original"
+        elif mode == "auto":
+            mode = "contiguous"
+        self.position_mode = mode
+        self.handles: list[Any] = []
+        self.shadowed: list[tuple[Any, str]] = []
+        self.call: _Call | None = None
+        self.record: _Prefill | None = None
+        self.stats: dict[str, Any] = {}
+        self.calls_pruned = 0
+        self._encoded: dict[int, tuple[Any, VisionItem]] = {}
+        self._vlm_sig = inspect.signature(self.vlm.forward)
+        self._top_sig = inspect.signature(model.forward)
+
+    # ---- install / remove ------------------------------------------------------------------------------------
+    def install(self) -> None:
+        m, vlm, lm = self.model, self.vlm, self.lm
+        self.handles.append(m.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(vlm.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
+        self.handles.append(vlm.register_forward_hook(self._vlm_post, with_kwargs=True, always_call=True))
+        self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
+        self._shadow(vlm, "get_placeholder_mask", self._make_placeholder_shadow(vlm.get_placeholder_mask))
+        for kind in ("image", "video"):
+            fn = getattr(vlm, f"get_{kind}_features", None)
+            if callable(fn):
+                self._shadow(vlm, f"get_{kind}_features", self._make_features_shadow(kind, fn))
+        cmfg = getattr(m, "create_masks_for_generate", None)
+        if cmfg is None:
+            from transformers import masking_utils
+
+            cmfg = getattr(masking_utils, "create_masks_for_generate", None)
+        if cmfg is not None:
+            self._shadow(m, "create_masks_for_generate", self._make_cmfg_shadow(cmfg))
+        setattr(m, STATE_ATTR, self)
+
+    def _shadow(self, obj: Any, name: str, fn: Any) -> None:
+        if name in obj.__dict__:
+            raise UnsupportedModelError(
+                f"{type(obj).__name__}.{name} is already overridden on this instance by another tool; vlmprune will "
+                "not stack on top of it. Remove the other patch first."
+            )
+        obj.__dict__[name] = fn
+        self.shadowed.append((obj, name))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for obj, name in self.shadowed:
+            obj.__dict__.pop(name, None)
+        self.shadowed.clear()
+        self.model.__dict__.pop(STATE_ATTR, None)
+        self.call = None
+        self.record = None
+        self._encoded.clear()
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def _bind(self, sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if not args:
+            return kwargs
+        try:
+            bound = sig.bind_partial(*args, **kwargs)
+        except TypeError:
+            return kwargs
+        out = dict(bound.arguments)
+        out.update(out.pop("kwargs", {}) or {})
+        return out
+
+    def _top_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = self._bind(self._top_sig, args, kwargs)
+        if kw.get("labels") is not None and self._has_vision(kw):
+            raise LabelsWhilePruningError(
+                "labels were passed to a model patched by vlmprune: its logits are in pruned coordinates (fewer "
+                "positions than input_ids), so a loss against labels would be misaligned. Compute losses on the "
+                "unpatched model (vlmprune.unpatch(model) or `with vlmprune.patched(...)` around inference only)."
+            )
+        if getattr(module, "model", None) is not self.vlm:
+            raise PatchBypassedError(
+                "model.model was replaced after vlmprune.patch(); the patch no longer sees the images. Call "
+                "vlmprune.unpatch(model) and patch again."
+            )
+
+    @staticmethod
+    def _has_vision(kw: dict[str, Any]) -> bool:
+        enc = kw.get("mm_encoder_outputs") or {}
+        return (
+            kw.get("pixel_values") is not None
+            or kw.get("pixel_values_videos") is not None
+            or any(v is not None for v in enc.values())
+        )
+
+    def _make_features_shadow(self, kind: str, original: Any) -> Any:
+        sig = inspect.signature(original)
+
+        @functools.wraps(original)
+        def get_features(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            feats = getattr(out, "pooler_output", out)
+            if isinstance(feats, torch.Tensor):
+                feats = list(feats)  # older releases: one batched tensor
+            elif not (isinstance(feats, (list, tuple)) and all(isinstance(f, torch.Tensor) for f in feats)):
+                return out
+            inputs = self._bind(sig, args, kwargs) if args else dict(kwargs)
+            items = self.adapter.describe(kind, inputs, list(feats), self.model)
+            self._encoded = {k: v for k, v in self._encoded.items() if v[0]() is not None}
+            for f, item in zip(feats, items, strict=True):
+                self._encoded[id(f)] = (weakref.ref(f), item)
+            if self.call is not None:
+                self.call.encoded[kind] = items
+            return out
+
+        return get_features
+
+    def vision_items(self, call: _Call, kind: str) -> list[VisionItem]:
+        """The images / videos of the current call, in the model's order (see :meth:`Adapter.describe`)."""
+        if kind in call.encoded:
+            return call.encoded[kind]
+        enc = (call.kwargs.get("mm_encoder_outputs") or {}).get(kind)
+        feats = getattr(enc, "pooler_output", None)
+        if feats is None:
+            return []
+        items = []
+        for i, f in enumerate(feats):
+            entry = self._encoded.get(id(f))
+            if entry is not None and entry[0]() is f:
+                items.append(entry[1])
+            else:
+                items.append(self.adapter.fallback_item(kind, f, call, i, self.model))
+        return items
+
+    def _vlm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = self._bind(self._vlm_sig, args, kwargs)
+        self.call = _Call(expects_vision=self._has_vision(kw), kwargs=kw)
+
+    def _vlm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call, self.call = self.call, None
+        if call is not None and call.expects_vision and not call.prefill_done:
+            raise PatchBypassedError(
+                f"Images reached the patched {type(self.model).__name__} but vlmprune's pruning path did not run "
+                "(the model no longer calls get_placeholder_mask / language_model as expected). Nothing was "
+                "pruned; this transformers release may be unsupported. Run vlmprune.unpatch(model)."
+            )
+
+    def _make_placeholder_shadow(self, original: Any) -> Any:
+        @functools.wraps(original)
+        def get_placeholder_mask(*args: Any, **kwargs: Any) -> Any:
+            self._check_counts(args, kwargs)
+            out = original(*args, **kwargs)
+            call = self.call
+            if call is not None:
+                if isinstance(out, tuple):
+                    image_mask, video_mask = out[0], out[1]
+                    if kwargs.get("image_features") is not None:
+                        call.image_mask = image_mask
+                    if kwargs.get("video_features") is not None:
+                        call.video_mask = video_mask
+                else:
+                    call.image_mask = out
+            return out
+
+        return get_placeholder_mask
+
+    def _check_counts(self, args: tuple, kwargs: dict) -> None:
+        """Raise a clear error before the model's own terse check when placeholders and features disagree."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        if input_ids is None or inputs_embeds is None:
+            return
+        cfg = self.vlm.config
+        for kind, tok_attr in (("image", "image_token_id"), ("video", "video_token_id")):
+            feats = kwargs.get(f"{kind}_features")
+            tok = getattr(cfg, tok_attr, None)
+            if feats is None or tok is None:
+                continue
+            n_tok = int((input_ids == tok).sum())
+            n_feat = feats.numel() // inputs_embeds.shape[-1]
+            if n_tok != n_feat:
+                raise PlaceholderMismatchError(
+                    f"The prompt has {n_tok} {kind} placeholder tokens (id {tok}) but the {kind}s give {n_feat} "
+                    f"{kind} tokens. Build inputs with the model's processor so every <{kind}> in the text matches "
+                    f"one {kind} passed (and is expanded to its token count); don't truncate prompts."
+                )
+
+    def _make_cmfg_shadow(self, original: Any) -> Any:
+        @functools.wraps(original)
+        def create_masks_for_generate(*args: Any, **kwargs: Any) -> Any:
+            cache = _cache_of(kwargs)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.ndim == 2 and cache is not None:
+                if _cache_len(cache) == 0:
+                    # prefill: the LLM builds the mask itself after our hook has pruned the sequence
+                    return mask
+                rec = self._record_for(cache)
+                if rec is not None and mask.shape[1] != _cache_len(cache) + kwargs["inputs_embeds"].shape[1]:
+                    kwargs["attention_mask"] = rec.translate_mask(mask)
+            return original(*args, **kwargs)
+
+        return create_masks_for_generate
+
+    def _record_for(self, cache: Any) -> _Prefill | None:
+        rec = self.record
+        if rec is None or cache is None or rec.cache_ref is None or rec.cache_ref() is not cache:
+            return None
+        return rec
+
+    def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        rec = self.record
+        if rec is not None and rec.cache_ref is None:
+            cache = getattr(output, "cache", None)
+            if cache is None:
+                cache = getattr(output, "past_key_values", None)
+            rec.cache_ref = weakref.ref(cache) if cache is not None else None
+            if cache is None:
+                self.record = None
+
+    def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        call = self.call
+        if call is not None and (call.image_mask is not None or call.video_mask is not None):
+            call.prefill_done = True
+            return self._prefill(call, args, kwargs)
+        if call is not None and call.expects_vision:
+            return None  # _vlm_post raises: images went in but no mask was recorded
+        return self._decode(args, kwargs)
+
+    # ---- prefill ---------------------------------------------------------------------------------------------
+    def _segments(self, call: _Call, vis: dict[str, torch.Tensor]) -> list[Segment]:
+        segs: list[Segment] = []
+        for kind, mask in vis.items():
+            items = self.vision_items(call, kind)
+            counts = mask.sum(-1).tolist()
+            total = sum(counts)
+            if sum(it.num_tokens for it in items) != total:
+                raise PlaceholderMismatchError(
+                    f"The prompt has {total} {kind} placeholder tokens but the {len(items)} {kind}(s) passed give "
+                    f"{sum(it.num_tokens for it in items)} tokens. Build inputs with the model's processor."
+                )
+            it_iter = iter(items)
+            for row, count in enumerate(counts):
+                if count == 0:
+                    continue
+                pos = mask[row].nonzero().squeeze(-1)
+                start = 0
+                while start < count:
+                    it = next(it_iter)
+                    if start + it.num_tokens > count:
+                        raise PlaceholderMismatchError(
+                            f"Sample {row} has {count} {kind} placeholder tokens, which does not split into whole "
+                            f"{kind}s (next {kind} needs {it.num_tokens}). Build inputs with the model's processor."
+                        )
+                    segs.append(Segment(row, pos[start : start + it.num_tokens], it.grid, kind, it.key, it.prefix))
+                    start += it.num_tokens
+        return segs
+
+    def _select(self, seg: Segment, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """Run the method on one segment; return kept positions (sequence coordinates) and replacement rows."""
+        grid_pos = seg.positions[seg.prefix :]
+        n = int(grid_pos.numel())
+        k = self.config.budget(n)
+        info: dict[str, Any] = {"row": seg.row, "kind": seg.kind, "grid": list(seg.grid), "tokens_in": n + seg.prefix}
+        if k >= n:
+            info["tokens_out"] = n + seg.prefix
+            return seg.positions, None, info
+        item = ImageTokens(emb[seg.row, grid_pos], seg.grid, k, seg.key, seg.kind)
+        sel = self.method.select(item)
+        self._validate(sel, n, k, emb)
+        kept = torch.cat([seg.positions[: seg.prefix], grid_pos[sel.indices.to(grid_pos.device)]])
+        tokens = sel.tokens
+        if tokens is not None and seg.prefix:
+            tokens = torch.cat([emb[seg.row, seg.positions[: seg.prefix]], tokens.to(emb.dtype)])
+        info["tokens_out"] = k + seg.prefix
+        if sel.info:
+            info.update(sel.info)
+        return kept, tokens, info
+
+    def _validate(self, sel: Selection, n: int, k: int, emb: torch.Tensor) -> None:
+        idx = sel.indices
+        ok = isinstance(idx, torch.Tensor) and idx.ndim == 1 and idx.numel() == k and not idx.is_floating_point()
+        if ok and k > 0:
+            ok = int(idx[0]) >= 0 and int(idx[-1]) < n and bool((idx[1:] > idx[:-1]).all())
+        if not ok:
+            raise RuntimeError(
+                f"method {self.config.name!r} returned invalid indices (need {k} strictly increasing ints in "
+                f"[0, {n})): {idx!r}"
+            )
+        if sel.tokens is not None and tuple(sel.tokens.shape) != (k, emb.shape[-1]):
+            raise RuntimeError(
+                f"method {self.config.name!r} returned tokens of shape {tuple(sel.tokens.shape)}, need ({k}, "
+                f"{emb.shape[-1]})"
+            )
+
+    def _prefill(self, call: _Call, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        t0 = time.perf_counter()
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            raise PatchBypassedError("the language model was called without inputs_embeds; cannot prune.")
+        cache = _cache_of(kwargs)
+        clen = _cache_len(cache)
+        if clen:
+            raise UnsupportedInputError(
+                f"Images arrived with a cache that already holds {clen} tokens (chunked prefill, or new images in a "
+                "continued conversation). vlmprune prunes a whole prompt at once: start generation from an empty "
+                "cache, or unpatch for this call."
+            )
+        B, L, _ = emb.shape
+        dev = emb.device
+        am = kwargs.get("attention_mask")
+        if am is None:
+            real = torch.ones(B, L, dtype=torch.bool, device=dev)
+        elif isinstance(am, torch.Tensor) and am.ndim == 2:
+            real = am.to(dev).bool()
+        else:
+            raise UnsupportedInputError(
+                "vlmprune needs a 2-D attention_mask (or none) in the prefill that carries images; got "
+                f"{type(am).__name__} {getattr(am, 'shape', '')}. Pass the processor's 2-D attention_mask."
+            )
+        vis = {}
+        for kind, m in (("image", call.image_mask), ("video", call.video_mask)):
+            if m is not None:
+                m = m.to(dev)
+                vis[kind] = (m[..., 0] if m.ndim == 3 else m).bool() & real
+        keep = real.clone()
+        for m in vis.values():
+            keep &= ~m
+        replace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        per_image = []
+        for seg in self._segments(call, vis):
+            kept, tokens, info = self._select(seg, emb)
+            keep[seg.row, kept] = True
+            if tokens is not None:
+                replace.append((seg.row, kept, tokens))
+            per_image.append(info)
+
+        n_keep = keep.sum(-1)
+        n_real = real.sum(-1)
+        pruned = bool((n_keep != n_real).any()) or bool(replace)
+        self._write_stats(per_image, n_real, n_keep, time.perf_counter() - t0)
+        self.calls_pruned += 1
+        if not pruned:
+            self.record = None
+            return None
+
+        if replace:
+            emb = emb.clone()
+            for row, pos, tokens in replace:
+                emb[row, pos] = tokens.to(emb.dtype)
+        Lp = int(n_keep.max())
+        right_padded = am is not None and bool((~real[:, -1]).any()) and bool(real[:, 0].all())
+        if right_padded:  # kept tokens first, then pads, then dropped: take the first Lp
+            key = torch.where(keep, 0, torch.where(real, 2, 1))
+            idx = torch.sort(key, dim=-1, stable=True).indices[:, :Lp]
+        else:  # pads, then kept tokens (left re-padding); dropped first and cut off
+            key = torch.where(keep, 2, torch.where(real, 0, 1))
+            idx = torch.sort(key, dim=-1, stable=True).indices[:, L - Lp :]
+        slot_valid = keep.gather(1, idx)
+        kwargs = dict(kwargs)
+        kwargs["inputs_embeds"] = emb.gather(1, idx[..., None].expand(-1, -1, emb.shape[-1]))
+        if am is not None or not bool(slot_valid.all()):
+            dtype = am.dtype if am is not None else torch.long
+            kwargs["attention_mask"] = slot_valid.to(dtype)
+        contiguous = self.position_mode == "contiguous"
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            pos = pos.to(dev)
+            if pos.ndim == 2 and contiguous:
+                new = slot_valid.long().cumsum(-1) - 1
+                kwargs["position_ids"] = new.masked_fill(~slot_valid, 0).to(pos.dtype)
+            else:
+                lead = pos.shape[:-2]
+                kwargs["position_ids"] = pos.expand(*lead, B, L).gather(-1, idx.expand(*lead, B, Lp))
+        elif not contiguous:
+            if self.adapter.mrope:
+                raise PatchBypassedError("M-RoPE model called its language model without position_ids; cannot prune.")
+            kwargs["position_ids"] = torch.arange(L, device=dev).expand(B, L).gather(1, idx)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(Lp, device=kwargs["cache_position"].device)
+        self._gather_extra(kwargs, keep, idx, vis)
+        self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous)
+        return args, kwargs
+
+    def _gather_extra(self, kwargs: dict, keep: torch.Tensor, idx: torch.Tensor, vis: dict[str, torch.Tensor]) -> None:
+        """Hook for families whose LLM takes more per-token inputs (Qwen3-VL DeepStack)."""
+        for name in ("visual_pos_masks", "deepstack_visual_embeds"):
+            if kwargs.get(name) is not None:
+                raise UnsupportedModelError(
+                    f"the language model received {name!r}, which this adapter does not prune consistently; use "
+                    "the adapter for this model_type."
+                )
+
+    def _write_stats(self, per_image: list[dict], n_real: torch.Tensor, n_keep: torch.Tensor, dt: float) -> None:
+        self.stats = {
+            "method": self.config.name,
+            "keep": self.config.keep,
+            "model_type": self.model.config.model_type,
+            "position_mode": self.position_mode,
+            "images": per_image,
+            "vision_tokens_in": sum(i["tokens_in"] for i in per_image),
+            "vision_tokens_out": sum(i["tokens_out"] for i in per_image),
+            "seq_len_in": n_real.tolist(),
+            "seq_len_out": n_keep.tolist(),
+            "selection_s": dt,
+        }
+
+    # ---- decode ----------------------------------------------------------------------------------------------
+    def _decode(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        cache = _cache_of(kwargs)
+        clen = _cache_len(cache)
+        rec = self._record_for(cache)
+        if rec is None or clen == 0:
+            if clen == 0:
+                self.record = None
+            return None
+        emb = kwargs.get("inputs_embeds")
+        q = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
+        kwargs = dict(kwargs)
+        am = kwargs.get("attention_mask")
+        if isinstance(am, torch.Tensor) and am.ndim == 2:
+            original_cols = rec.length + (clen - rec.pruned_length) + q
+            if am.shape[1] == original_cols and original_cols != clen + q:
+                kwargs["attention_mask"] = rec.translate_mask(am)
+            elif am.shape[1] != clen + q:
+                raise UnsupportedInputError(
+                    f"decode step got an attention_mask with {am.shape[1]} columns; after pruning the cache holds "
+                    f"{clen} tokens, so {clen + q} (pruned) or {original_cols} (original) were expected. Continuing "
+                    "a pruned cache with a longer prompt is not supported: start a new generate() call."
+                )
+        pos = kwargs.get("position_ids")
+        if rec.contiguous and isinstance(pos, torch.Tensor) and pos.ndim == 2:
+            kwargs["position_ids"] = pos - rec.dropped.to(pos.device, pos.dtype)[:, None]
+        if kwargs.get("cache_position") is not None:
+            cp = kwargs["cache_position"]
+            kwargs["cache_position"] = torch.arange(clen, clen + q, device=cp.device, dtype=cp.dtype)
+        return args, kwargs

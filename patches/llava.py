@@ -1,0 +1,47 @@
+"""Adapter for LLaVA-1.5 (``model_type="llava"``, ``LlavaForConditionalGeneration``).
+
+Every image gives the same number of tokens: the CLIP patch grid (24x24 = 576 for CLIP-L/336), plus the CLS
+token when ``vision_feature_select_strategy="full"`` (then CLS is always kept and the budget applies to the
+grid). LLaVA's LLM uses 1-D RoPE: ``position_mode="contiguous"`` (default) renumbers the kept tokens, which
+equals feeding the unpatched model only the kept tokens; ``"original"`` keeps the original positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._base import Adapter, VisionItem, _Call, content_key
+
+__all__ = ["LlavaAdapter"]
+
+
+class LlavaAdapter(Adapter):
+    model_types = ("llava",)
+    mrope = False
+
+    def _grid(self, n: int, model: nn.Module) -> tuple[tuple[int, int, int], int]:
+        vc = model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        if n == side * side:
+            return (1, side, side), 0
+        if n == side * side + 1:  # vision_feature_select_strategy="full": CLS first, always kept
+            return (1, side, side), 1
+        return (1, 1, n), 0  # unusual geometry: a 1-D sequence
+
+    def describe(
+        self, kind: str, inputs: dict[str, Any], features: list[torch.Tensor], model: nn.Module
+    ) -> list[VisionItem]:
+        pixels = inputs.get("pixel_values")
+        items = []
+        for i, f in enumerate(features):
+            grid, prefix = self._grid(int(f.shape[0]), model)
+            key = content_key(pixels[i]) if pixels is not None and len(pixels) == len(features) else content_key(f)
+            items.append(VisionItem(kind, int(f.shape[0]), grid, key, prefix))
+        return items
+
+    def fallback_item(self, kind: str, feature: torch.Tensor, call: _Call, index: int, model: nn.Module) -> VisionItem:
+        grid, prefix = self._grid(int(feature.shape[0]), model)
+        return VisionItem(kind, int(feature.shape[0]), grid, content_key(feature), prefix)

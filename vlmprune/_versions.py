@@ -1,0 +1,61 @@
+"""The transformers range vlmprune supports, declared once.
+
+The install requirement comes from ``requirements.txt`` beside this file (pyproject reads the same file), and
+:func:`check_transformers` enforces it at ``patch()`` time with a remedy. ``TESTED`` lists the releases CI
+runs; a release inside the range but newer than the newest tested one gets a warning, not an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import warnings
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from .errors import UnsupportedVersionError
+
+__all__ = ["TESTED", "transformers_requirement", "check_transformers"]
+
+TESTED: tuple[str, ...] = ("5.0.0", "5.24.0")
+
+
+@functools.lru_cache(maxsize=1)
+def transformers_requirement() -> Requirement:
+    """The ``transformers`` line of the package's requirements (the supported range)."""
+    text = importlib.resources.files("vlmprune").joinpath("requirements.txt").read_text()
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            if req.name == "transformers":
+                return req
+    raise RuntimeError("vlmprune/requirements.txt has no transformers line")
+
+
+_warned: set[str] = set()
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise :class:`UnsupportedVersionError` if ``version`` (default: installed) is outside the supported range."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    req = transformers_requirement()
+    v = Version(version)
+    if not req.specifier.contains(v, prereleases=True):
+        raise UnsupportedVersionError(
+            f"transformers {version} is not supported by vlmprune (supported: transformers{req.specifier}; tested: "
+            f"{', '.join(TESTED)}). Remedy: pip install 'transformers{req.specifier}' (e.g. "
+            f"transformers=={TESTED[-1]})."
+        )
+    if v > Version(TESTED[-1]) and version not in _warned:
+        _warned.add(version)
+        warnings.warn(
+            f"transformers {version} is newer than the newest release vlmprune was tested on ({TESTED[-1]}); "
+            "patching will self-check at run time and raise if the model's structure changed.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,184 @@
+"""Tiny random-weight models of every supported family, and inputs for them, built offline from configs.
+
+Used by the test-suite, the demo and the benchmarks; handy for users who want to try a method without a
+checkpoint. Nothing here downloads anything. transformers is imported inside the functions only.
+
+Sample specs: a sample is a list of items, an ``int`` = that many random text tokens, ``"image"`` = one image
+(LLaVA: the fixed CLIP grid; Qwen: ``("image", h, w)`` in patches, default 8x8), ``("video", t, h, w)`` a Qwen
+video. Example: ``[[5, "image", 3], [2, ("image", 8, 12), 4, "image", 1]]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["FAMILIES", "tiny_model", "make_inputs"]
+
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+
+_VOCAB = 160
+_IMAGE, _VIDEO, _VSTART, _VEND, _PAD = 150, 151, 152, 153, 0
+
+
+def _text_cfg(**over: Any) -> dict[str, Any]:
+    cfg = dict(
+        vocab_size=_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=_PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def tiny_model(
+    family: str, *, seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, **over: Any
+) -> torch.nn.Module:
+    """A randomly initialised ``*ForConditionalGeneration`` of ``family`` (see :data:`FAMILIES`), in eval mode.
+
+    LLaVA: CLIP tower 56 px / patch 14 (4x4 = 16 tokens per image, CLS dropped), Llama LLM d=64, 2 layers.
+    Qwen2-VL / 2.5-VL: ViT patch 4, merge 2 (an ``h x w``-patch image gives ``h*w/4`` tokens), LLM d=64 with
+    M-RoPE sections [4, 2, 2]. ``over`` updates the top-level config kwargs.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "llava":
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
+        )
+        kw: dict[str, Any] = dict(
+            vision_config=tf.CLIPVisionConfig(**vision),
+            text_config=tf.LlamaConfig(**_text_cfg()),
+            image_token_id=_IMAGE,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+        kw.update(over)
+        cfg = tf.LlavaConfig(**kw)
+        cls = tf.LlavaForConditionalGeneration
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        text = _text_cfg(rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0})
+        vision = dict(
+            depth=2,
+            hidden_size=64,
+            num_heads=4,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        if family == "qwen2_vl":
+            vision.update(embed_dim=32, mlp_ratio=2)
+            cfg_cls, cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+        else:
+            vision.update(
+                intermediate_size=64, out_hidden_size=64, hidden_size=32, window_size=16, fullatt_block_indexes=[1]
+            )
+            cfg_cls, cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+        kw = dict(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=_IMAGE,
+            video_token_id=_VIDEO,
+            vision_start_token_id=_VSTART,
+            vision_end_token_id=_VEND,
+            pad_token_id=_PAD,
+        )
+        kw.update(over)
+        cfg = cfg_cls(**kw)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+def _pad(rows: list[list[int]], extras: list[list[int]], side: str) -> tuple[torch.Tensor, ...]:
+    L = max(len(r) for r in rows)
+    ids, mask, ext = [], [], []
+    for r, e in zip(rows, extras, strict=True):
+        n = L - len(r)
+        if side == "left":
+            ids.append([_PAD] * n + r), mask.append([0] * n + [1] * len(r)), ext.append([0] * n + e)
+        else:
+            ids.append(r + [_PAD] * n), mask.append([1] * len(r) + [0] * n), ext.append(e + [0] * n)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(ext)
+
+
+def make_inputs(
+    model: torch.nn.Module, samples: list[list[Any]], *, padding_side: str = "left", seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Inputs as the family's processor would build them (placeholders expanded, pixels, grids, masks).
+
+    Text tokens and pixels are random but deterministic in ``seed`` and the sample's content: the same sample
+    spec at the same position in ``samples`` gives the same tokens and images regardless of the other samples.
+    """
+    cfg = model.config
+    family = cfg.model_type
+    dtype = next(model.parameters()).dtype
+    rows, types, pixels, grids, vgrids, vpixels = [], [], [], [], [], []
+    for si, sample in enumerate(samples):
+        gen = torch.Generator().manual_seed(seed * 1000 + si)
+        ids: list[int] = []
+        tt: list[int] = []
+        for item in sample:
+            if isinstance(item, int):
+                ids += torch.randint(3, 100, (item,), generator=gen).tolist()
+                tt += [0] * item
+                continue
+            spec = (item,) if isinstance(item, str) else tuple(item)
+            kind = spec[0]
+            if family == "llava":
+                if kind != "image":
+                    raise ValueError("LLaVA takes images only")
+                vc = cfg.vision_config
+                side = vc.image_size // vc.patch_size
+                n = side * side + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+                ids += [_IMAGE] * n
+                tt += [1] * n
+                pixels.append(torch.randn(3, vc.image_size, vc.image_size, generator=gen))
+                continue
+            vc = cfg.vision_config
+            m, tp, p = vc.spatial_merge_size, vc.temporal_patch_size, vc.patch_size
+            if kind == "image":
+                t, h, w = 1, *(spec[1:] if len(spec) > 1 else (8, 8))
+            else:
+                t, h, w = spec[1:] if len(spec) > 1 else (2, 8, 8)
+            n = t * h * w // (m * m)
+            tok = _IMAGE if kind == "image" else _VIDEO
+            ids += [_VSTART] + [tok] * n + [_VEND]
+            tt += [0] + [1 if kind == "image" else 2] * n + [0]
+            patches = torch.randn(t * h * w, vc.in_channels * tp * p * p, generator=gen)
+            (pixels if kind == "image" else vpixels).append(patches)
+            (grids if kind == "image" else vgrids).append([t, h, w])
+        rows.append(ids)
+        types.append(tt)
+    input_ids, attention_mask, mm_types = _pad(rows, types, padding_side)
+    out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if family == "llava":
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels).to(dtype)
+        return out
+    out["mm_token_type_ids"] = mm_types
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels).to(dtype)
+        out["image_grid_thw"] = torch.tensor(grids)
+    if vpixels:
+        out["pixel_values_videos"] = torch.cat(vpixels).to(dtype)
+        out["video_grid_thw"] = torch.tensor(vgrids)
+    return out
