@@ -1,0 +1,304 @@
+"""Conformance suite, generated over every registered method x every supported model family.
+
+Properties checked (all measured on what the language model receives, not on vlmprune's own counters):
+keep=1.0 is bit-identical to the unpatched model; the LLM gets exactly the budgeted vision tokens; a batch with
+padding equals the samples run alone; Qwen tokens keep their original M-RoPE positions; unpatch restores
+bit-identical behaviour and removes every hook and attribute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MRoPE, SPECS, LLMProbe, get_model, hook_snapshot, inputs_for
+
+import vlmprune
+from vlmprune.config import resolve_budget
+from vlmprune.testing import FAMILIES
+
+METHODS = vlmprune.list_methods()
+KEEPS = [0.25, 3]  # a fraction and an int count per image
+
+
+@torch.no_grad()
+def _gen(model, inputs, n=6, **kw):
+    return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
+
+
+def _image_token_id(model):
+    return model.config.image_token_id
+
+
+def _vision_counts(model, inputs):
+    """Per row: list of vision-token counts per image, from the inputs (independent of vlmprune)."""
+    counts = []
+    ids = inputs["input_ids"]
+    tok = _image_token_id(model)
+    for row in ids:
+        pos = (row == tok).nonzero().squeeze(-1).tolist()
+        runs, prev = [], None
+        for p in pos:
+            if (
+                prev is not None
+                and p == prev + 1
+                and (model.config.model_type != "llava" or runs[-1] < _llava_n(model))
+            ):
+                runs[-1] += 1
+            else:
+                runs.append(1)
+            prev = p
+        counts.append(runs)
+    return counts
+
+
+def _llava_n(model):
+    vc = model.config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_is_bit_identical(model, method, padding_side):
+    inputs = inputs_for(model, padding_side=padding_side)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    ref_ids = _gen(model, inputs)
+    vlmprune.patch(model, method=method, keep=1.0)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    ids = _gen(model, inputs)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(ids, ref_ids)
+    stats = vlmprune.last_stats(model)
+    assert stats["vision_tokens_in"] == stats["vision_tokens_out"] > 0
+
+
+@pytest.mark.parametrize("keep", KEEPS)
+@pytest.mark.parametrize("method", METHODS)
+def test_llm_receives_exactly_the_budget(model, method, keep):
+    inputs = inputs_for(model)
+    n_real = inputs["attention_mask"].sum(-1)
+    per_row = _vision_counts(model, inputs)
+    expected_vision = torch.tensor([sum(resolve_budget(keep, n) for n in row) for row in per_row])
+    n_text = n_real - torch.tensor([sum(row) for row in per_row])
+    vlmprune.patch(model, method=method, keep=keep)
+    with LLMProbe(model) as probe, torch.no_grad():
+        model(**inputs)
+    call = probe.calls[0]
+    real = call["attention_mask"].bool()
+    assert call["inputs_embeds"].shape[1] == int((n_text + expected_vision).max())
+    assert torch.equal(real.sum(-1), n_text + expected_vision)
+    # the text tokens reach the LLM unchanged, in order
+    emb = model.get_input_embeddings()
+    tok = _image_token_id(model)
+    for b in range(len(per_row)):
+        ids_b = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        text_ref = emb(ids_b[ids_b != tok])
+        got = call["inputs_embeds"][b][real[b]]
+        ptr = 0  # the text embeddings appear, unchanged and in order, among the real slots
+        for row in got:
+            if ptr < len(text_ref) and torch.equal(row, text_ref[ptr]):
+                ptr += 1
+        assert ptr == len(text_ref)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_singles(model, method, padding_side):
+    """Each row of a padded batch gives the logits (forward) and tokens (generate, left padding) of the sample
+    run alone. Right padding is checked on forward logits only: generate() itself is not padding-invariant
+    with right padding (transformers warns about it), patched or not."""
+    spec = SPECS[model.config.model_type]
+    vlmprune.patch(model, method=method, keep=0.25)
+    batch = inputs_for(model, spec, padding_side=padding_side)
+    with LLMProbe(model) as probe, torch.no_grad():
+        out_b = model(**batch).logits
+    kept_mask = probe.calls[0]["attention_mask"].bool()
+    gen_b = _gen(model, batch) if padding_side == "left" else None
+    L = batch["input_ids"].shape[1]
+    mask = batch["attention_mask"]
+    for i in range(len(spec)):
+        # the same sample alone (make_inputs seeds by position: rebuild it at the same position, then cut)
+        single = _take_last(inputs_for(model, [[] for _ in range(i)] + [spec[i]]), i, model)
+        assert torch.equal(single["input_ids"][0], batch["input_ids"][i][mask[i].bool()])
+        with torch.no_grad():
+            out_s = model(**single).logits
+        torch.testing.assert_close(out_b[i][kept_mask[i]], out_s[0], atol=1e-4, rtol=1e-4)
+        if gen_b is not None:
+            gen_s = _gen(model, single)
+            assert torch.equal(gen_b[i, L:], gen_s[0, single["input_ids"].shape[1] :])
+            assert torch.equal(gen_b[i, :L], batch["input_ids"][i])  # prompt ids returned unchanged
+
+
+def _take_last(inputs, i, model):
+    """Row i of a batch built with empty rows before it (drops the empty rows and their padding)."""
+    mask = inputs["attention_mask"][i].bool()
+    out = {
+        "input_ids": inputs["input_ids"][i : i + 1, mask],
+        "attention_mask": inputs["attention_mask"][i : i + 1, mask],
+    }
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i : i + 1, mask]
+    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if k in inputs:
+            out[k] = inputs[k]
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unpatch_restores_everything(model, method):
+    inputs = inputs_for(model)
+    before = hook_snapshot(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_ids = _gen(model, inputs)
+    vlmprune.patch(model, method=method, keep=0.25)
+    assert vlmprune.is_patched(model)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    _gen(model, inputs)
+    assert pruned.shape[1] < ref.shape[1]
+    vlmprune.unpatch(model)
+    assert not vlmprune.is_patched(model)
+    assert hook_snapshot(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    assert torch.equal(_gen(model, inputs), ref_ids)
+
+
+@pytest.mark.parametrize("family", sorted(MRoPE))
+@pytest.mark.parametrize("method", METHODS)
+def test_qwen_keeps_original_mrope_positions(family, method):
+    model = get_model(family)
+    inputs = inputs_for(model)
+    with LLMProbe(model) as ref_probe, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    vlmprune.patch(model, method=method, keep=0.25)
+    try:
+        with LLMProbe(model) as probe, torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        idx = model._vlmprune_state.record.idx
+        slot_valid = model._vlmprune_state.record.slot_valid
+    finally:
+        vlmprune.unpatch(model)
+    ref_pos, pos = ref_probe.calls[0]["position_ids"], probe.calls[0]["position_ids"]
+    assert pos.shape[:-1] == ref_pos.shape[:-1] and pos.shape[-1] < ref_pos.shape[-1]
+    lead = ref_pos.shape[:-2]
+    expected = ref_pos.gather(-1, idx.expand(*lead, *idx.shape))
+    assert torch.equal(pos[..., slot_valid], expected[..., slot_valid])
+    # the kept slots hold the tokens whose positions they carry: every kept position is an original one of that row
+    for b in range(pos.shape[-2]):
+        orig = {tuple(c) for c in ref_pos[1:, b, :].T.tolist()}
+        got = {tuple(c) for c in pos[1:, b, slot_valid[b]].T.tolist()}
+        assert got <= orig
+    # decode steps continue from the original max position + 1, exactly like the unpatched model
+    for step in (1, 2):
+        assert torch.equal(probe.calls[step]["position_ids"], ref_probe.calls[step]["position_ids"])
+
+
+@pytest.mark.parametrize("family", sorted(MRoPE))
+def test_qwen_positions_from_independent_selection(family):
+    """The kept embeddings sit at exactly the M-RoPE positions the unpatched model gave those embeddings."""
+    model = get_model(family)
+    inputs = inputs_for(model)
+    with LLMProbe(model) as ref_probe, torch.no_grad():
+        model(**inputs)
+    with vlmprune.patched(model, method="random", keep=0.3, seed=7), LLMProbe(model) as probe, torch.no_grad():
+        model(**inputs)
+    ref, got = ref_probe.calls[0], probe.calls[0]
+    for b in range(ref["inputs_embeds"].shape[0]):
+        real = got["attention_mask"][b].bool()
+        ref_real = ref["attention_mask"][b].bool()
+        for j in real.nonzero().squeeze(-1).tolist():
+            match = (ref["inputs_embeds"][b] == got["inputs_embeds"][b, j]).all(-1) & ref_real
+            src = match.nonzero().squeeze(-1)
+            assert src.numel() >= 1
+            assert any(torch.equal(ref["position_ids"][:, b, s], got["position_ids"][:, b, j]) for s in src.tolist())
+
+
+def test_llava_contiguous_equals_unpatched_on_kept_tokens():
+    """LLaVA (contiguous positions): pruned generate == the unpatched model fed only the kept embeddings."""
+    model = get_model("llava")
+    inputs = inputs_for(model, [[4, "image", 3]])
+    vlmprune.patch(model, method="uniform", keep=0.25)
+    try:
+        with LLMProbe(model) as probe, torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    finally:
+        vlmprune.unpatch(model)
+    kept = probe.calls[0]["inputs_embeds"]
+    with torch.no_grad():
+        ideal = model.generate(
+            inputs_embeds=kept,
+            attention_mask=torch.ones(kept.shape[:2], dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+        )
+    assert torch.equal(ids[:, inputs["input_ids"].shape[1] :], ideal)
+
+
+def test_llava_original_positions_keep_gaps():
+    model = get_model("llava")
+    inputs = inputs_for(model, [[4, "image", 3]])
+    with vlmprune.patched(model, method="uniform", keep=0.25, position_mode="original"), LLMProbe(model) as probe:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    pos = probe.calls[0]["position_ids"][0]
+    assert pos[-1].item() == inputs["input_ids"].shape[1] - 1  # last text token keeps its original position
+    assert (pos[1:] > pos[:-1]).all() and pos.shape[0] < inputs["input_ids"].shape[1]
+    assert probe.calls[1]["position_ids"][0, -1].item() == inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_rows_in_a_batch(family):
+    model = get_model(family)
+    spec = [SPECS[family][0], [7]]
+    batch = inputs_for(model, spec)
+    with vlmprune.patched(model, method="uniform", keep=0.25):
+        gen_b = _gen(model, batch)
+        text = _take_last(inputs_for(model, [[], [7]]), 1, model)
+        for k in ("pixel_values", "image_grid_thw"):
+            text.pop(k, None)
+        gen_t = _gen(model, text)
+    L = batch["input_ids"].shape[1]
+    assert torch.equal(gen_b[1, L:], gen_t[0, text["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache(family):
+    model = get_model(family)
+    inputs = inputs_for(model)
+    ref = _gen(model, inputs, cache_implementation="static")
+    with vlmprune.patched(model, method="uniform", keep=1.0):
+        assert torch.equal(_gen(model, inputs, cache_implementation="static"), ref)
+    with vlmprune.patched(model, method="uniform", keep=0.25):
+        dyn = _gen(model, inputs)
+        static = _gen(model, inputs, cache_implementation="static")
+    assert torch.equal(dyn, static)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_and_sampling_run(family):
+    model = get_model(family)
+    inputs = inputs_for(model)
+    with vlmprune.patched(model, method="random", keep=0.25):
+        beams = _gen(model, inputs, num_beams=2)
+        torch.manual_seed(0)
+        s1 = model.generate(**inputs, max_new_tokens=4, do_sample=True)
+        torch.manual_seed(0)
+        s2 = model.generate(**inputs, max_new_tokens=4, do_sample=True)
+    assert beams.shape[0] == 2 and torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("family", sorted(MRoPE))
+def test_qwen_video_is_pruned(family):
+    model = get_model(family)
+    inputs = inputs_for(model, [[3, ("video", 2, 8, 8), 2], [2, ("image", 8, 8), 3]])
+    with vlmprune.patched(model, method="uniform", keep=0.25), LLMProbe(model) as probe, torch.no_grad():
+        model(**inputs)
+        stats = vlmprune.last_stats(model)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    kinds = sorted((i["kind"], i["tokens_in"], i["tokens_out"]) for i in stats["images"])
+    assert kinds == [("image", 16, 4), ("video", 32, 8)]
+    real = probe.calls[0]["attention_mask"].sum(-1)
+    assert torch.equal(real, inputs["attention_mask"].sum(-1) - torch.tensor([24, 12]))
