@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MRoPE, SPECS, LLMProbe, get_model, hook_snapshot, inputs_for
+from conftest import SPECS, LLMProbe, MRoPE, get_model, hook_snapshot, inputs_for
 
 import vlmprune
 from vlmprune.config import resolve_budget
