@@ -118,6 +118,7 @@ class _Prefill:
     dropped: torch.Tensor  # [B] real tokens dropped per row
     contiguous: bool
     cache_ref: Any = None
+    seen: int = 0  # tokens in the pruned cache; tracked here because some caches can't report it reliably
 
     def translate_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Map a 2-D mask in original coordinates ``[B, L + t]`` to the pruned cache ``[B, Lp + t]``."""
@@ -229,7 +230,7 @@ class PatchState:
         m, vlm, lm = self.model, self.vlm, self.lm
         self.handles.append(m.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(vlm.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
-        self.handles.append(vlm.register_forward_hook(self._vlm_post, with_kwargs=True, always_call=True))
+        self.handles.append(vlm.register_forward_hook(self._vlm_post, with_kwargs=True))
         self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self.handles.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
         self._shadow(vlm, "get_placeholder_mask", self._make_placeholder_shadow(vlm.get_placeholder_mask))
@@ -400,12 +401,20 @@ class PatchState:
             cache = _cache_of(kwargs)
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.ndim == 2 and cache is not None:
-                if _cache_len(cache) == 0:
+                clen = _cache_len(cache)
+                if clen == 0:
                     # prefill: the LLM builds the mask itself after our hook has pruned the sequence
                     return mask
                 rec = self._record_for(cache)
-                if rec is not None and mask.shape[1] != _cache_len(cache) + kwargs["inputs_embeds"].shape[1]:
-                    kwargs["attention_mask"] = rec.translate_mask(mask)
+                if rec is not None:
+                    clen = rec.seen
+                    embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))  # renamed in 5.x
+                    q = int(embeds.shape[1])
+                    if mask.shape[1] != clen + q:
+                        kwargs["attention_mask"] = rec.translate_mask(mask)
+                    cp = kwargs.get("cache_position")
+                    if cp is not None:  # transformers <= 5.0
+                        kwargs["cache_position"] = torch.arange(clen, clen + q, device=cp.device, dtype=cp.dtype)
             return original(*args, **kwargs)
 
         return create_masks_for_generate
@@ -587,7 +596,7 @@ class PatchState:
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(Lp, device=kwargs["cache_position"].device)
         self._gather_extra(kwargs, keep, idx, vis)
-        self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous)
+        self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous, seen=Lp)
         return args, kwargs
 
     def _gather_extra(self, kwargs: dict, keep: torch.Tensor, idx: torch.Tensor, vis: dict[str, torch.Tensor]) -> None:
@@ -624,6 +633,10 @@ class PatchState:
             return None
         emb = kwargs.get("inputs_embeds")
         q = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
+        # StaticCache.get_seq_length() counts non-zero keys of row 0 on transformers <= 5.0, which miscounts
+        # zero-embedding pad slots: use our own count of what the pruned prefill and decode steps wrote.
+        clen = rec.seen
+        rec.seen += q
         kwargs = dict(kwargs)
         am = kwargs.get("attention_mask")
         if isinstance(am, torch.Tensor) and am.ndim == 2:

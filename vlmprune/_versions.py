@@ -16,7 +16,7 @@ from packaging.version import Version
 
 from .errors import UnsupportedVersionError
 
-__all__ = ["TESTED", "transformers_requirement", "check_transformers"]
+__all__ = ["TESTED", "transformers_requirement", "supported_range", "check_transformers"]
 
 TESTED: tuple[str, ...] = ("5.0.0", "5.24.0")
 
@@ -34,6 +34,12 @@ def transformers_requirement() -> Requirement:
     raise RuntimeError("vlmprune/requirements.txt has no transformers line")
 
 
+def supported_range() -> str:
+    """The supported range as text, lower bound first (e.g. ``">=5.0.0,<6"``)."""
+    specs = sorted(transformers_requirement().specifier, key=lambda s: (not s.operator.startswith(">"), str(s)))
+    return ",".join(str(s) for s in specs)
+
+
 _warned: set[str] = set()
 
 
@@ -44,11 +50,12 @@ def check_transformers(version: str | None = None) -> None:
 
         version = transformers.__version__
     req = transformers_requirement()
+    spec = supported_range()
     v = Version(version)
     if not req.specifier.contains(v, prereleases=True):
         raise UnsupportedVersionError(
-            f"transformers {version} is not supported by vlmprune (supported: transformers{req.specifier}; tested: "
-            f"{', '.join(TESTED)}). Remedy: pip install 'transformers{req.specifier}' (e.g. "
+            f"transformers {version} is not supported by vlmprune (supported: transformers{spec}; tested: "
+            f"{', '.join(TESTED)}). Remedy: pip install 'transformers{spec}' (e.g. "
             f"transformers=={TESTED[-1]})."
         )
     if v > Version(TESTED[-1]) and version not in _warned:

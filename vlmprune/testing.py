@@ -174,7 +174,10 @@ def make_inputs(
         if pixels:
             out["pixel_values"] = torch.stack(pixels).to(dtype)
         return out
-    out["mm_token_type_ids"] = mm_types
+    import inspect
+
+    if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:  # transformers >= ~5.8
+        out["mm_token_type_ids"] = mm_types
     if pixels:
         out["pixel_values"] = torch.cat(pixels).to(dtype)
         out["image_grid_thw"] = torch.tensor(grids)
