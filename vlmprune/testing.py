@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "tiny_model", "make_inputs"]
+__all__ = ["FAMILIES", "LLAVA_SIZES", "tiny_model", "make_inputs"]
 
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 
@@ -39,20 +39,12 @@ def _text_cfg(**over: Any) -> dict[str, Any]:
     return cfg
 
 
-def tiny_model(
-    family: str, *, seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, **over: Any
-) -> torch.nn.Module:
-    """A randomly initialised ``*ForConditionalGeneration`` of ``family`` (see :data:`FAMILIES`), in eval mode.
-
-    LLaVA: CLIP tower 56 px / patch 14 (4x4 = 16 tokens per image, CLS dropped), Llama LLM d=64, 2 layers.
-    Qwen2-VL / 2.5-VL: ViT patch 4, merge 2 (an ``h x w``-patch image gives ``h*w/4`` tokens), LLM d=64 with
-    M-RoPE sections [4, 2, 2]. ``over`` updates the top-level config kwargs.
-    """
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    if family == "llava":
-        vision = dict(
+# LLaVA geometries: "tiny" for tests; "demo" = LLaVA-1.5's 336 px / 576 tokens with small widths (fast demo);
+# "bench" = CLIP-L-sized tower (6 of its 24 layers) + a 12-layer d=1024 Llama, sized so a 2-core CPU prefill
+# takes about a second (the benchmark's model; see eval/bench_prefill.py).
+LLAVA_SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "tiny": (
+        dict(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -60,10 +52,76 @@ def tiny_model(
             image_size=56,
             patch_size=14,
             projection_dim=32,
-        )
+        ),
+        {},
+    ),
+    "demo": (
+        dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+            projection_dim=256,
+        ),
+        dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            vocab_size=32064,
+        ),
+    ),
+    "bench": (
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=6,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            vocab_size=32064,
+        ),
+    ),
+}
+
+
+def tiny_model(
+    family: str,
+    *,
+    seed: int = 0,
+    size: str = "tiny",
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **over: Any,
+) -> torch.nn.Module:
+    """A randomly initialised ``*ForConditionalGeneration`` of ``family`` (see :data:`FAMILIES`), in eval mode.
+
+    LLaVA: CLIP tower 56 px / patch 14 (4x4 = 16 tokens per image, CLS dropped), Llama LLM d=64, 2 layers;
+    ``size="demo"`` / ``"bench"`` give LLaVA-1.5's 336 px and 576 tokens per image (see :data:`LLAVA_SIZES`).
+    Qwen2-VL / 2.5-VL: ViT patch 4, merge 2 (an ``h x w``-patch image gives ``h*w/4`` tokens), LLM d=64 with
+    M-RoPE sections [4, 2, 2]. ``over`` updates the top-level config kwargs.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "llava":
+        vision, text = LLAVA_SIZES[size]
         kw: dict[str, Any] = dict(
             vision_config=tf.CLIPVisionConfig(**vision),
-            text_config=tf.LlamaConfig(**_text_cfg()),
+            text_config=tf.LlamaConfig(**_text_cfg(**text)),
             image_token_id=_IMAGE,
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
@@ -102,6 +160,8 @@ def tiny_model(
         )
         kw.update(over)
         cfg = cfg_cls(**kw)
+        if size != "tiny":
+            raise ValueError(f"size={size!r} exists for llava only; Qwen families come in size='tiny'")
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
