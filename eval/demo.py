@@ -63,7 +63,7 @@ def run(methods: list[str], keeps: list[float | int], rounds: int, size: str, ou
         fns[label] = (setup, prefill, lambda: vlmprune.unpatch(model))
     timing = interleaved(fns, rounds=rounds, warmup=1)
     base = timing["unpatched"]["median_s"]
-    for label, entry in fns.items():
+    for label in fns:
         method, _, keep = label.partition("@")
         if label == "unpatched":
             llm_tokens, logits = llm_ref, ref_logits
