@@ -74,6 +74,7 @@ class Segment:
         kind: ``"image"`` / ``"video"``.
         key: content hash for seeding.
         prefix: leading tokens that are always kept (e.g. CLS under LLaVA's ``"full"`` feature strategy).
+        index: position among this call's items of ``kind`` in the model's encoding order.
     """
 
     row: int
@@ -82,6 +83,8 @@ class Segment:
     kind: str
     key: int
     prefix: int = 0
+    index: int = 0
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -93,6 +96,7 @@ class VisionItem:
     grid: tuple[int, int, int]
     key: int
     prefix: int = 0
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -148,10 +152,12 @@ class Adapter:
         model_types: ``config.model_type`` values handled.
         mrope: whether the LLM uses multi-axis RoPE positions (``[3, B, L]``), which must stay the original ones.
         tested_transformers: human-readable range the adapter was tested on (shown in errors and docs).
+        provides: the extra signals (``Method.requires``) this adapter can supply.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     mrope: ClassVar[bool] = False
+    provides: ClassVar[frozenset[str]] = frozenset()  # extra signals methods may require (see Method.requires)
     tested_transformers: ClassVar[str] = ""
 
     # ---- structure -----------------------------------------------------------------------------------------
@@ -203,6 +209,13 @@ class PatchState:
         self.config = config
         self.method = method
         self.vlm, self.lm = adapter.locate(model)
+        missing = set(method.requires) - set(adapter.provides)
+        if missing:
+            raise UnsupportedModelError(
+                f"method {config.name!r} needs {sorted(missing)}, which the {model.config.model_type!r} adapter "
+                f"cannot provide (it provides {sorted(adapter.provides) or 'nothing extra'}). Use a method that "
+                "needs no vision-tower signal on this model (e.g. uniform, pool, random)."
+            )
         mode = config.position_mode
         if adapter.mrope:
             if mode == "contiguous":
@@ -246,6 +259,18 @@ class PatchState:
         if cmfg is not None:
             self._shadow(m, "create_masks_for_generate", self._make_cmfg_shadow(cmfg))
         setattr(m, STATE_ATTR, self)
+        try:
+            self.method.attach(self)
+        except BaseException:
+            self.remove()
+            raise
+
+    # PatchContext (what methods may use in Method.attach)
+    def register(self, handle: Any) -> None:
+        self.handles.append(handle)
+
+    def shadow(self, obj: Any, name: str, fn: Any) -> None:
+        self._shadow(obj, name, fn)
 
     def _shadow(self, obj: Any, name: str, fn: Any) -> None:
         if name in obj.__dict__:
@@ -263,6 +288,7 @@ class PatchState:
         for obj, name in self.shadowed:
             obj.__dict__.pop(name, None)
         self.shadowed.clear()
+        self.method.detach()
         self.model.__dict__.pop(STATE_ATTR, None)
         self.call = None
         self.record = None
@@ -308,6 +334,7 @@ class PatchState:
 
         @functools.wraps(original)
         def get_features(*args: Any, **kwargs: Any) -> Any:
+            self.method.begin_encode(kind)
             out = original(*args, **kwargs)
             feats = getattr(out, "pooler_output", out)
             if isinstance(feats, torch.Tensor):
@@ -316,6 +343,10 @@ class PatchState:
                 return out
             inputs = self._bind(sig, args, kwargs) if args else dict(kwargs)
             items = self.adapter.describe(kind, inputs, list(feats), self.model)
+            extras = self.method.end_encode(kind, list(feats))
+            if extras is not None:
+                for item, extra in zip(items, extras, strict=True):
+                    item.extras = extra
             self._encoded = {k: v for k, v in self._encoded.items() if v[0]() is not None}
             for f, item in zip(feats, items, strict=True):
                 self._encoded[id(f)] = (weakref.ref(f), item)
@@ -456,20 +487,24 @@ class PatchState:
                     f"The prompt has {total} {kind} placeholder tokens but the {len(items)} {kind}(s) passed give "
                     f"{sum(it.num_tokens for it in items)} tokens. Build inputs with the model's processor."
                 )
-            it_iter = iter(items)
+            it_iter = iter(enumerate(items))
             for row, count in enumerate(counts):
                 if count == 0:
                     continue
                 pos = mask[row].nonzero().squeeze(-1)
                 start = 0
                 while start < count:
-                    it = next(it_iter)
+                    index, it = next(it_iter)
                     if start + it.num_tokens > count:
                         raise PlaceholderMismatchError(
                             f"Sample {row} has {count} {kind} placeholder tokens, which does not split into whole "
                             f"{kind}s (next {kind} needs {it.num_tokens}). Build inputs with the model's processor."
                         )
-                    segs.append(Segment(row, pos[start : start + it.num_tokens], it.grid, kind, it.key, it.prefix))
+                    segs.append(
+                        Segment(
+                            row, pos[start : start + it.num_tokens], it.grid, kind, it.key, it.prefix, index, it.extras
+                        )
+                    )
                     start += it.num_tokens
         return segs
 
@@ -482,7 +517,7 @@ class PatchState:
         if k >= n:
             info["tokens_out"] = n + seg.prefix
             return seg.positions, None, info
-        item = ImageTokens(emb[seg.row, grid_pos], seg.grid, k, seg.key, seg.kind)
+        item = ImageTokens(emb[seg.row, grid_pos], seg.grid, k, seg.key, seg.kind, seg.index, seg.row, seg.extras)
         sel = self.method.select(item)
         self._validate(sel, n, k, emb)
         kept = torch.cat([seg.positions[: seg.prefix], grid_pos[sel.indices.to(grid_pos.device)]])

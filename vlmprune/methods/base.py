@@ -1,22 +1,36 @@
 """The interface between adapters (where to cut) and methods (what to keep).
 
 An adapter hands a method one :class:`ImageTokens` per image (or video) in the batch and receives a
-:class:`Selection`. Methods never see the model: only tensors, the token grid, the budget and the extra
-signals they declared in :attr:`Method.requires` (e.g. one ViT layer's attention), which the adapter collects
-with hooks for that one layer only.
+:class:`Selection`. The selection itself is a pure function of tensors: the tokens, the token grid, the budget
+and the extra signals the method declared in :attr:`Method.requires`.
+
+Three kinds of method fit this interface:
+
+* **selection / merging after the projector** (baselines, VQToken-style clustering): implement :meth:`select`;
+  merging methods return new tokens plus the representative whose original position each one takes.
+* **methods that need a signal from the vision tower or the LLM** (one ViT layer's attention for HiPrune /
+  VisionZip, an LLM layer's attention for FastV): :meth:`attach` receives a :class:`PatchContext` through which
+  the method registers its own hooks on exactly the one or two modules it needs (removed with the patch). Vision
+  signals are captured per encoding: the patch calls :meth:`begin_encode` before and :meth:`end_encode` after
+  every ``get_image_features`` / ``get_video_features`` call (inside ``forward``, or the pre-encoding that
+  ``generate()`` does in transformers 5.2x), and what ``end_encode`` returns per item arrives in
+  ``item.extras`` at selection time (also after beam expansion).
+* **methods that change decoding** (DAMRO's contrastive branch): :meth:`attach` can also shadow instance methods
+  (e.g. add a logits processor around ``generate``) through the context, and are undone by ``unpatch``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
 
-__all__ = ["ImageTokens", "Selection", "Method"]
+__all__ = ["ImageTokens", "Selection", "Method", "PatchContext"]
 
 
 @dataclasses.dataclass
@@ -31,6 +45,9 @@ class ImageTokens:
         key: an integer derived from the image's pixels (not from its batch row); seed randomness with it so a
             batch gives the same choices as single samples and beams agree.
         kind: ``"image"`` or ``"video"``.
+        index: the item's position among this call's items of its ``kind``, in the model's encoding order
+            (the order in which vision-tower hooks saw them).
+        row: the batch row it sits in (for information only: never let it change the selection).
         extras: signals the method declared in :attr:`Method.requires` (documented by the method).
     """
 
@@ -39,6 +56,8 @@ class ImageTokens:
     budget: int
     key: int = 0
     kind: str = "image"
+    index: int = 0
+    row: int = 0
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -64,17 +83,44 @@ class Selection:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+class PatchContext(Protocol):
+    """What a method may touch when it is attached to a patched model (see :meth:`Method.attach`)."""
+
+    model: nn.Module
+    adapter: Any
+
+    def register(self, handle: Any) -> None:
+        """Keep a hook handle (anything with ``.remove()``); it is removed when the model is unpatched."""
+
+    def shadow(self, obj: Any, name: str, fn: Any) -> None:
+        """Set ``obj.name = fn`` on the instance; deleted again when the model is unpatched."""
+
+
 class Method:
     """Base class of method objects (built from a config by ``config.build()``).
 
-    Subclasses implement :meth:`select`. ``requires`` lists extra signals the adapter must collect (none for
-    the baselines).
+    Subclasses implement :meth:`select`. ``requires`` names extra signals the model's adapter must be able to
+    provide (none for the baselines); ``patch()`` refuses, with the reason, an adapter that cannot.
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
+
+    def attach(self, ctx: PatchContext) -> None:
+        """Called once when the model is patched; register any extra hooks through ``ctx`` (default: none)."""
+
+    def detach(self) -> None:
+        """Called when the model is unpatched, after the context's hooks were removed; drop captured state."""
+
+    def begin_encode(self, kind: str) -> None:
+        """Called right before the model encodes a batch of images (``kind="image"``) or videos."""
+
+    def end_encode(self, kind: str, features: list[torch.Tensor]) -> list[dict[str, Any]] | None:
+        """Called right after; return one dict of extras per encoded item (``features[i]`` is ``(n_i, D)``),
+        delivered as ``ImageTokens.extras``; ``None`` for nothing."""
+        return None
 
     @property
     def name(self) -> str:
