@@ -302,3 +302,61 @@ def test_qwen_video_is_pruned(family):
     assert kinds == [("image", 16, 4), ("video", 32, 8)]
     real = probe.calls[0]["attention_mask"].sum(-1)
     assert torch.equal(real, inputs["attention_mask"].sum(-1) - torch.tensor([24, 12]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_cache_generate_equals_cached(family):
+    model = get_model(family)
+    inputs = inputs_for(model)
+    # a random model may generate the image token itself, which makes every uncached step fail the model's own
+    # placeholder check (unpatched too): suppress the special tokens
+    special = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
+    kw = {"suppress_tokens": [t for t in special if t is not None]}
+    with vlmprune.patched(model, method="pool", keep=0.25):
+        cached = _gen(model, inputs, **kw)
+        uncached = _gen(model, inputs, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdpa_is_kept(family):
+    model = get_model(family)
+    impls_before = {n: m.config._attn_implementation for n, m in model.named_modules() if hasattr(m, "config")}
+    assert set(impls_before.values()) == {"sdpa"}
+    with vlmprune.patched(model, method="uniform", keep=0.25), torch.no_grad():
+        model(**inputs_for(model))
+        impls = {n: m.config._attn_implementation for n, m in model.named_modules() if hasattr(m, "config")}
+    assert impls == impls_before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16(family):
+    from vlmprune.testing import tiny_model
+
+    model = tiny_model(family, seed=2, dtype=torch.bfloat16)
+    inputs = inputs_for(model)
+    ref = _gen(model, inputs)
+    with vlmprune.patched(model, method="uniform", keep=1.0):
+        assert torch.equal(_gen(model, inputs), ref)
+    for method in METHODS:
+        with vlmprune.patched(model, method=method, keep=0.25), LLMProbe(model) as probe:
+            out = _gen(model, inputs)
+        assert out.shape[0] == 2 and probe.calls[0]["inputs_embeds"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_pretrained_local_roundtrip(family, tmp_path):
+    """The real loading path: save to a local folder, load with from_pretrained(path, device_map=...), patch."""
+    import transformers as tf
+
+    src = get_model(family)
+    src.save_pretrained(tmp_path)
+    cls = type(src)
+    model = cls.from_pretrained(tmp_path, device_map="cpu", dtype=torch.float32).eval()
+    assert isinstance(model, tf.PreTrainedModel)
+    inputs = inputs_for(model)
+    with vlmprune.patched(model, method="uniform", keep=0.25):
+        got = _gen(model, inputs)
+    with vlmprune.patched(src, method="uniform", keep=0.25):
+        want = _gen(src, inputs)
+    assert torch.equal(got, want)
