@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-TRANSFORMERS=${TRANSFORMERS:-transformers==5.24.0}
+TRANSFORMERS=${TRANSFORMERS:-transformers==$(sed -e "s/#.*//" -e "/^[[:space:]]*$/d" vlmprune/tested_versions.txt | sort -V | tail -n 1)}
 TORCH=${TORCH:-torch==2.13.0}
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then

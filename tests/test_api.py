@@ -136,9 +136,9 @@ def test_version_gate(version, err):
 
 
 def test_version_gate_applies_in_patch(monkeypatch):
-    import transformers
+    from vlmprune import _versions
 
-    monkeypatch.setattr(transformers, "__version__", "4.40.0")
+    monkeypatch.setattr(_versions, "installed_version", lambda: "4.40.0")
     model = get_model("llava")
     with pytest.raises(vlmprune.UnsupportedVersionError, match="4.40.0"):
         vlmprune.patch(model, method="uniform", keep=0.5)

@@ -2,7 +2,8 @@
 
 The install requirement comes from ``requirements.txt`` beside this file (pyproject reads the same file), and
 :func:`check_transformers` enforces it at ``patch()`` time with a remedy. ``TESTED`` lists the releases CI
-runs; a release inside the range but newer than the newest tested one gets a warning, not an error.
+runs, read from ``tested_versions.txt`` (which ``scripts/test.sh`` reads too); a release inside the range but
+newer than the newest tested one gets a warning, not an error.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from .errors import UnsupportedVersionError
 
 __all__ = ["TESTED", "transformers_requirement", "supported_range", "check_transformers"]
 
-TESTED: tuple[str, ...] = ("5.0.0", "5.24.0")
+
+def _read_tested() -> tuple[str, ...]:
+    text = importlib.resources.files("vlmprune").joinpath("tested_versions.txt").read_text()
+    versions = [ln.split("#")[0].strip() for ln in text.splitlines()]
+    return tuple(sorted((v for v in versions if v), key=Version))
+
+
+TESTED: tuple[str, ...] = _read_tested()
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,12 +51,20 @@ def supported_range() -> str:
 _warned: set[str] = set()
 
 
+def installed_version() -> str:
+    """The installed transformers release (from the module, so a checkout on ``sys.path`` counts as it is)."""
+    import sys
+
+    import transformers
+
+    # transformers' lazy module may replace itself in sys.modules: read the live one
+    return str(sys.modules.get("transformers", transformers).__version__)
+
+
 def check_transformers(version: str | None = None) -> None:
     """Raise :class:`UnsupportedVersionError` if ``version`` (default: installed) is outside the supported range."""
     if version is None:
-        import transformers
-
-        version = transformers.__version__
+        version = installed_version()
     req = transformers_requirement()
     spec = supported_range()
     v = Version(version)
