@@ -525,6 +525,7 @@ class PatchState:
         if tokens is not None and seg.prefix:
             tokens = torch.cat([emb[seg.row, seg.positions[: seg.prefix]], tokens.to(emb.dtype)])
         info["tokens_out"] = k + seg.prefix
+        info["kept_indices"] = sel.indices.tolist()  # grid-relative (prefix excluded); merged: representatives
         if sel.info:
             info.update(sel.info)
         return kept, tokens, info

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._base import Adapter, VisionItem, _Call, content_key
+from ._probes import ClipAttentionProbe
 
 __all__ = ["LlavaAdapter"]
 
@@ -21,6 +22,26 @@ __all__ = ["LlavaAdapter"]
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
     mrope = False
+    provides = frozenset({"vit_attention"})
+
+    @staticmethod
+    def _blocks(model: nn.Module) -> nn.ModuleList:
+        tower = model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel lost .vision_model in 5.x
+
+    def vit_depth(self, model: nn.Module) -> int:
+        return len(self._blocks(model))
+
+    def feature_layer(self, model: nn.Module) -> int:
+        layer = model.config.vision_feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        # hidden_states[i] is the output of block i - 1 (index 0 = embeddings)
+        return layer - 1 if layer >= 0 else layer
+
+    def attention_probe(self, model: nn.Module, layers: list[int]) -> ClipAttentionProbe:
+        vc = model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        return ClipAttentionProbe(model, layers, side * side)
 
     def _grid(self, n: int, model: nn.Module) -> tuple[tuple[int, int, int], int]:
         vc = model.config.vision_config

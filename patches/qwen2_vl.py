@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._base import Adapter, VisionItem, _Call, content_key
+from ._probes import QwenAttentionProbe
 
 __all__ = ["Qwen2VLAdapter"]
 
@@ -21,6 +22,16 @@ __all__ = ["Qwen2VLAdapter"]
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
     mrope = True
+    provides = frozenset({"vit_attention"})
+
+    def vit_depth(self, model: nn.Module) -> int:
+        return len(model.model.visual.blocks)
+
+    def feature_layer(self, model: nn.Module) -> int:
+        return -1  # the merger reads the last block
+
+    def attention_probe(self, model: nn.Module, layers: list[int]) -> QwenAttentionProbe:
+        return QwenAttentionProbe(model, layers)
 
     def _items(
         self, kind: str, grids: torch.Tensor, pixels: torch.Tensor | None, model: nn.Module

@@ -118,9 +118,9 @@ def test_required_signal_missing_is_refused(topnorm):
 
         def build(self):
             m = TopNormMethod(self)
-            m.requires = frozenset({"vit_attention"})
+            m.requires = frozenset({"no_adapter_provides_this"})
             return m
 
-    with pytest.raises(vlmprune.UnsupportedModelError, match=r"needs \['vit_attention'\].*uniform"):
+    with pytest.raises(vlmprune.UnsupportedModelError, match=r"needs \[.no_adapter_provides_this.\].*uniform"):
         vlmprune.patch(get_model("llava"), NeedsConfig(keep=4))
     assert not vlmprune.is_patched(get_model("llava"))

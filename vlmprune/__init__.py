@@ -34,6 +34,7 @@ from .errors import (
     UnsupportedVersionError,
     VlmpruneError,
 )
+from .methods.hiprune import HiPruneConfig
 from .methods.pool import PoolConfig
 from .methods.random import RandomConfig
 from .methods.uniform import UniformConfig
@@ -54,6 +55,7 @@ __all__ = [
     "RandomConfig",
     "UniformConfig",
     "PoolConfig",
+    "HiPruneConfig",
     "VlmpruneError",
     "UnknownMethodError",
     "UnsupportedModelError",

@@ -14,6 +14,7 @@ METHODS: Registry = Registry("method", UnknownMethodError)
 METHODS.register("random", "vlmprune.methods.random:RandomConfig")
 METHODS.register("uniform", "vlmprune.methods.uniform:UniformConfig")
 METHODS.register("pool", "vlmprune.methods.pool:PoolConfig")
+METHODS.register("hiprune", "vlmprune.methods.hiprune:HiPruneConfig")
 
 
 def register_method(name: str, config_cls: str | type, *, replace: bool = False) -> None:

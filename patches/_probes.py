@@ -1,0 +1,145 @@
+"""Attention probes: the attention each vision token *receives* in chosen ViT layers, recomputed for those
+layers only, while the tower keeps running with SDPA / flash-attention.
+
+A probe registers a forward pre-hook on each chosen attention module; the hook recomputes that layer's
+softmax attention from the module's own input and projections (:mod:`vlmprune.attention`) and stores one score
+vector per image, already mapped to the tokens the LLM receives (CLS dropped for CLIP; 2x2 merge units
+averaged and window order undone for Qwen). Nothing is kept of the maps themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import received_attention
+from ..errors import PatchBypassedError
+
+__all__ = ["AttentionProbe", "ClipAttentionProbe", "QwenAttentionProbe"]
+
+
+class AttentionProbe:
+    """Base: ``install`` through the patch context, ``reset`` before an encoding, ``collect`` after it.
+
+    Args:
+        layers: 0-based indices of the ViT blocks to read.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[int]) -> None:
+        self.model = model
+        self.layers = sorted(set(layers))
+        self.scores: dict[int, list[torch.Tensor]] = {i: [] for i in self.layers}
+
+    def reset(self) -> None:
+        self.scores = {i: [] for i in self.layers}
+
+    def collect(self, n_items: int) -> list[dict[int, torch.Tensor]]:
+        """Per encoded item, ``{layer: (n_tokens,) float32 scores}``."""
+        for layer, got in self.scores.items():
+            if len(got) != n_items:
+                raise PatchBypassedError(
+                    f"the attention probe on vision layer {layer} saw {len(got)} images but the model encoded "
+                    f"{n_items}; the layer did not run (e.g. a feature layer before it stops the tower early). "
+                    "Choose a layer the vision tower runs."
+                )
+        return [{layer: self.scores[layer][i] for layer in self.layers} for i in range(n_items)]
+
+    def install(self, ctx: Any) -> None:
+        raise NotImplementedError
+
+
+class ClipAttentionProbe(AttentionProbe):
+    """CLIP / SigLIP-style towers (LLaVA): ``layers[i].self_attn`` with ``q_proj`` / ``k_proj``."""
+
+    def __init__(self, model: nn.Module, layers: list[int], n_grid: int) -> None:
+        super().__init__(model, layers)
+        self.n_grid = n_grid
+
+    def install(self, ctx: Any) -> None:
+        tower = self.model.model.vision_tower
+        blocks = getattr(tower, "vision_model", tower).encoder.layers
+        for i in self.layers:
+            attn = blocks[i].self_attn
+            ctx.register(attn.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+
+    def _hook(self, layer: int) -> Any:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            B, N, _ = h.shape
+            q = mod.q_proj(h).view(B, N, mod.num_heads, -1).transpose(1, 2)
+            k = mod.k_proj(h).view(B, N, mod.num_heads, -1).transpose(1, 2)
+            with torch.no_grad():
+                s = received_attention(q, k, float(mod.scale))  # (B, N): mean over heads and ALL queries
+            if N == self.n_grid + 1:  # drop the CLS key (after averaging over all queries, CLS row included)
+                s = s[:, 1:]
+            self.scores[layer].extend(s.unbind(0))
+
+        return hook
+
+
+class QwenAttentionProbe(AttentionProbe):
+    """Qwen2-VL / Qwen2.5-VL ViTs: fused ``qkv``, vision RoPE, packed images, 2x2 merger; Qwen2.5-VL runs its
+    blocks in window-permuted order, undone here. Attention is recomputed densely over each frame (what the
+    official HiPrune Qwen code does), whether the block is a window block or not."""
+
+    def install(self, ctx: Any) -> None:
+        visual = self.model.model.visual
+        self.visual = visual
+        ctx.register(visual.register_forward_pre_hook(self._visual_pre, with_kwargs=True))
+        for i in self.layers:
+            ctx.register(visual.blocks[i].attn.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+        self.grid: torch.Tensor | None = None
+        self.unpermute: torch.Tensor | None = None
+
+    def _visual_pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.grid = grid
+        self.unpermute = None
+        if grid is not None and hasattr(mod, "fullatt_block_indexes"):  # Qwen2.5-VL: window-permuted blocks
+            self.unpermute = torch.argsort(self._window_index(mod, grid))
+
+    @staticmethod
+    def _window_index(visual: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+        if hasattr(visual, "get_window_index"):  # transformers <= ~5.2x
+            return visual.get_window_index(grid)[0]
+        from transformers.vision_utils import get_vision_window_index
+
+        return get_vision_window_index(
+            grid,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )[0]
+
+    def _hook(self, layer: int) -> Any:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            S = h.shape[0]
+            q, k, _ = mod.qkv(h).reshape(S, 3, mod.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos_sin = kwargs.get("position_embeddings")
+            if cos_sin is None:  # older releases pass the raw rotary angles
+                emb = torch.cat([kwargs["rotary_pos_emb"]] * 2, dim=-1)
+                cos_sin = (emb.cos(), emb.sin())
+            rope = sys.modules[type(mod).__module__].apply_rotary_pos_emb_vision
+            q, k = rope(q, k, *cos_sin)
+            m2 = self.visual.spatial_merge_size**2
+            if self.unpermute is not None:
+                idx = self.unpermute.to(h.device)
+                q = q.reshape(S // m2, m2, *q.shape[1:])[idx].reshape(S, *q.shape[1:])
+                k = k.reshape(S // m2, m2, *k.shape[1:])[idx].reshape(S, *k.shape[1:])
+            start = 0
+            with torch.no_grad():
+                for t, hh, ww in self.grid.tolist():
+                    frames = []
+                    for _ in range(t):
+                        qf = q[start : start + hh * ww].transpose(0, 1)  # (H, n, d)
+                        kf = k[start : start + hh * ww].transpose(0, 1)
+                        frames.append(received_attention(qf, kf, float(mod.scaling)))
+                        start += hh * ww
+                    # one score per LLM token: the mean over its merge unit (consecutive patches)
+                    self.scores[layer].append(torch.cat(frames).view(-1, m2).mean(-1))
+
+        return hook
