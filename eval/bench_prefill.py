@@ -6,9 +6,11 @@ side in one run, configurations interleaved round-robin after warm-up:
 
 * ``unpatched``: the model as loaded;
 * ``patched@1.0``: patched with keep=1.0 (must cost the same as unpatched);
-* ``patched@K``: patched with ``uniform`` at each budget K;
+* ``uniform@K``: patched with ``uniform`` at each budget K;
 * ``ideal@K``: the *unpatched* model fed only the kept tokens: vision tower + projector on the image, the same
-  uniform selection, then the unpatched forward on ``inputs_embeds`` of text + kept image tokens.
+  uniform selection, then the unpatched forward on ``inputs_embeds`` of text + kept image tokens;
+* ``<method>@K`` for every other ``--methods`` entry (e.g. ``hiprune``): its cost over ``uniform@K`` (same token
+  count) is the method's selection overhead (for HiPrune: recomputing two ViT layers' attention + selection).
 
 Every timed call is one forward with ``use_cache=True, logits_to_keep=1`` (generate's prefill step) under
 ``torch.inference_mode()``. Ratios come from medians of the same run. Writes JSON with the config, versions and
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m eval bench-prefill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--keep", nargs="+", type=keep_arg, default=[0.25, 0.11])
+    p.add_argument("--methods", nargs="+", default=["hiprune"], help="methods timed beside uniform")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--size", default="bench", choices=["tiny", "demo", "bench"])
     p.add_argument("--text-tokens", type=int, default=40)
@@ -80,13 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     def prefill() -> torch.Tensor:
         return model(**inputs, use_cache=True, logits_to_keep=1).logits
 
-    def patched(keep: float | int) -> tuple:
-        return (lambda: vlmprune.patch(model, method="uniform", keep=keep), prefill, lambda: vlmprune.unpatch(model))
+    def patched(keep: float | int, method: str = "uniform") -> tuple:
+        return (lambda: vlmprune.patch(model, method=method, keep=keep), prefill, lambda: vlmprune.unpatch(model))
 
     fns: dict[str, Any] = {"unpatched": prefill, "patched@1.0": patched(1.0)}
     for k in a.keep:
-        fns[f"patched@{k}"] = patched(k)
+        fns[f"uniform@{k}"] = patched(k)
         fns[f"ideal@{k}"] = ideal_fn(model, inputs, k)
+        for m in a.methods:
+            fns[f"{m}@{k}"] = patched(k, m)
     # sanity: the patched prefill and the ideal compute the same thing
     checks = {}
     for k in a.keep:
@@ -98,8 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     med = {n: r["median_s"] for n, r in res.items()}
     ratios = {"patched@1.0/unpatched": med["patched@1.0"] / med["unpatched"]}
     for k in a.keep:
-        ratios[f"patched@{k}/ideal@{k}"] = med[f"patched@{k}"] / med[f"ideal@{k}"]
-        ratios[f"unpatched/patched@{k}"] = med["unpatched"] / med[f"patched@{k}"]
+        ratios[f"uniform@{k}/ideal@{k}"] = med[f"uniform@{k}"] / med[f"ideal@{k}"]
+        ratios[f"unpatched/uniform@{k}"] = med["unpatched"] / med[f"uniform@{k}"]
+        for m in a.methods:
+            ratios[f"{m}@{k}/uniform@{k}"] = med[f"{m}@{k}"] / med[f"uniform@{k}"]
+            ratios[f"unpatched/{m}@{k}"] = med["unpatched"] / med[f"{m}@{k}"]
     n_params = sum(p.numel() for p in model.parameters())
     out = {
         "benchmark": "prefill",
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             f"cpu/wall {r['cpu_per_wall']:.2f}"
         )
     for n, v in ratios.items():
-        print(f"  {n:<28} {v:.3f}")
+        print(f"  {n:<32} {v:.3f}")
     for n, v in checks.items():
         print(f"  {n:<36} {v:.2e}")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

@@ -85,7 +85,7 @@ def interleaved(
     """
     names = list(fns)
 
-    def call(n: str, timed: bool) -> tuple[float, float]:
+    def call(n: str) -> tuple[float, float]:
         setup, fn, teardown = _parts(fns[n])
         if setup is not None:
             setup()
@@ -101,7 +101,7 @@ def interleaved(
 
     for _ in range(warmup):
         for n in names:
-            call(n, False)
+            call(n)
     times: dict[str, list[float]] = {n: [] for n in names}
     ratios: dict[str, list[float]] = {n: [] for n in names}
     it = range(rounds)
@@ -114,7 +114,7 @@ def interleaved(
             pass
     for _ in it:
         for n in names:
-            dt, cpu = call(n, True)
+            dt, cpu = call(n)
             times[n].append(dt)
             ratios[n].append(cpu / dt if dt > 0 else 0.0)
     return {

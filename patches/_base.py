@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._versions import TESTED
 from ..config import PruneConfig
 from ..errors import (
     ConfigError,
@@ -121,6 +122,8 @@ class _Prefill:
     pruned_length: int  # Lp
     dropped: torch.Tensor  # [B] real tokens dropped per row
     contiguous: bool
+    next_pos: torch.Tensor | None = None  # [..., B] original position of the first generated token, per row
+    last_dropped: int = -1  # largest original index of a dropped token (crops must stay after it)
     cache_ref: Any = None
     seen: int = 0  # tokens in the pruned cache; tracked here because some caches can't report it reliably
 
@@ -129,6 +132,37 @@ class _Prefill:
         idx = self.idx.to(mask.device)
         head = mask[:, : self.length].gather(1, idx) * self.slot_valid.to(mask.device, mask.dtype)
         return torch.cat([head, mask[:, self.length :]], dim=1)
+
+    def shrink(self, n: int) -> None:
+        """Forget the last ``n`` prefill tokens (all kept text tokens after the last dropped one)."""
+        self.length -= n
+        self.pruned_length -= n
+        self.idx = self.idx[:, : self.pruned_length]
+        self.slot_valid = self.slot_valid[:, : self.pruned_length]
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos - n
+
+    def decode_mask(self, mask: torch.Tensor | None, clen: int, q: int) -> torch.Tensor | None:
+        """The 2-D mask for a step that adds ``q`` tokens to a pruned cache holding ``clen``.
+
+        ``generate()`` keeps masks in original coordinates (``L + clen - Lp + q`` columns), or passes none when
+        the prompt had no padding; after a re-padding prune the pad slots must still be masked.
+        """
+        if mask is None:
+            if bool(self.slot_valid.all()):
+                return None
+            valid = self.slot_valid.long()
+            return torch.cat([valid, valid.new_ones(valid.shape[0], clen - self.pruned_length + q)], dim=1)
+        original_cols = self.length + (clen - self.pruned_length) + q
+        if mask.shape[1] == original_cols:  # generate's bookkeeping: always original coordinates
+            return self.translate_mask(mask)
+        if mask.shape[1] == clen + q:
+            return mask
+        raise UnsupportedInputError(
+            f"decode step got an attention_mask with {mask.shape[1]} columns; after pruning the cache holds {clen} "
+            f"tokens, so {original_cols} (original coordinates) or {clen + q} (pruned) were expected. Continuing a "
+            "pruned cache with a longer prompt is not supported: start a new generate() call."
+        )
 
 
 def _cache_of(kwargs: dict[str, Any]) -> Any:
@@ -157,8 +191,8 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     mrope: ClassVar[bool] = False
+    tested_transformers: ClassVar[str] = ", ".join(TESTED)
     provides: ClassVar[frozenset[str]] = frozenset()  # extra signals methods may require (see Method.requires)
-    tested_transformers: ClassVar[str] = ""
 
     # ---- structure -----------------------------------------------------------------------------------------
     def locate(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -233,8 +267,9 @@ class PatchState:
         self.call: _Call | None = None
         self.record: _Prefill | None = None
         self.stats: dict[str, Any] = {}
-        self.calls_pruned = 0
         self._encoded: dict[int, tuple[Any, VisionItem]] = {}
+        self._cropped: Any = None
+        self._labels_given = False
         self._vlm_sig = inspect.signature(self.vlm.forward)
         self._top_sig = inspect.signature(model.forward)
 
@@ -246,18 +281,18 @@ class PatchState:
         self.handles.append(vlm.register_forward_hook(self._vlm_post, with_kwargs=True))
         self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self.handles.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
-        self._shadow(vlm, "get_placeholder_mask", self._make_placeholder_shadow(vlm.get_placeholder_mask))
+        self.shadow(vlm, "get_placeholder_mask", self._make_placeholder_shadow(vlm.get_placeholder_mask))
         for kind in ("image", "video"):
             fn = getattr(vlm, f"get_{kind}_features", None)
             if callable(fn):
-                self._shadow(vlm, f"get_{kind}_features", self._make_features_shadow(kind, fn))
+                self.shadow(vlm, f"get_{kind}_features", self._make_features_shadow(kind, fn))
         cmfg = getattr(m, "create_masks_for_generate", None)
         if cmfg is None:
             from transformers import masking_utils
 
             cmfg = getattr(masking_utils, "create_masks_for_generate", None)
         if cmfg is not None:
-            self._shadow(m, "create_masks_for_generate", self._make_cmfg_shadow(cmfg))
+            self.shadow(m, "create_masks_for_generate", self._make_cmfg_shadow(cmfg))
         setattr(m, STATE_ATTR, self)
         try:
             self.method.attach(self)
@@ -265,14 +300,17 @@ class PatchState:
             self.remove()
             raise
 
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise UnsupportedInputError(
+            "copy.deepcopy of a model patched by vlmprune is not supported (its hooks would still point at the "
+            "original). Copy first and patch the copy, or vlmprune.unpatch(model), copy, and patch both."
+        )
+
     # PatchContext (what methods may use in Method.attach)
     def register(self, handle: Any) -> None:
         self.handles.append(handle)
 
     def shadow(self, obj: Any, name: str, fn: Any) -> None:
-        self._shadow(obj, name, fn)
-
-    def _shadow(self, obj: Any, name: str, fn: Any) -> None:
         if name in obj.__dict__:
             raise UnsupportedModelError(
                 f"{type(obj).__name__}.{name} is already overridden on this instance by another tool; vlmprune will "
@@ -293,6 +331,7 @@ class PatchState:
         self.call = None
         self.record = None
         self._encoded.clear()
+        self._unshadow_crop()
 
     # ---- hooks -----------------------------------------------------------------------------------------------
     def _bind(self, sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -308,12 +347,7 @@ class PatchState:
 
     def _top_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         kw = self._bind(self._top_sig, args, kwargs)
-        if kw.get("labels") is not None and self._has_vision(kw):
-            raise LabelsWhilePruningError(
-                "labels were passed to a model patched by vlmprune: its logits are in pruned coordinates (fewer "
-                "positions than input_ids), so a loss against labels would be misaligned. Compute losses on the "
-                "unpatched model (vlmprune.unpatch(model) or `with vlmprune.patched(...)` around inference only)."
-            )
+        self._labels_given = kw.get("labels") is not None
         if getattr(module, "model", None) is not self.vlm:
             raise PatchBypassedError(
                 "model.model was replaced after vlmprune.patch(); the patch no longer sees the images. Call "
@@ -431,9 +465,8 @@ class PatchState:
         def create_masks_for_generate(*args: Any, **kwargs: Any) -> Any:
             cache = _cache_of(kwargs)
             mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.ndim == 2 and cache is not None:
-                clen = _cache_len(cache)
-                if clen == 0:
+            if cache is not None and (mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)):
+                if _cache_len(cache) == 0:
                     # prefill: the LLM builds the mask itself after our hook has pruned the sequence
                     return mask
                 rec = self._record_for(cache)
@@ -441,8 +474,7 @@ class PatchState:
                     clen = rec.seen
                     embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))  # renamed in 5.x
                     q = int(embeds.shape[1])
-                    if mask.shape[1] != clen + q:
-                        kwargs["attention_mask"] = rec.translate_mask(mask)
+                    kwargs["attention_mask"] = rec.decode_mask(mask, clen, q)
                     cp = kwargs.get("cache_position")
                     if cp is not None:  # transformers <= 5.0
                         kwargs["cache_position"] = torch.arange(clen, clen + q, device=cp.device, dtype=cp.dtype)
@@ -465,6 +497,51 @@ class PatchState:
             rec.cache_ref = weakref.ref(cache) if cache is not None else None
             if cache is None:
                 self.record = None
+            else:
+                self._shadow_crop(cache)
+
+    def _shadow_crop(self, cache: Any) -> None:
+        """Assisted / prompt-lookup decoding crops the cache to lengths in original coordinates: translate."""
+        self._unshadow_crop()
+        original = getattr(cache, "crop", None)
+        if not callable(original) or "crop" in getattr(cache, "__dict__", {"crop": None}):
+            return
+
+        # transformers >= 5.2x: crop(tokens_to_remove <= 0) is relative; before: crop(max_length) absolute if >= 0
+        relative = "tokens_to_remove" in inspect.signature(original).parameters
+
+        def crop(arg: int) -> Any:
+            rec = self._record_for(cache)
+            if rec is None:
+                return original(arg)
+            rel = relative or arg < 0
+            if not rel:
+                raise UnsupportedInputError(
+                    "assisted / prompt-lookup decoding crops the cache to absolute lengths on this transformers "
+                    "release, which vlmprune does not translate reliably; use transformers >= 5.24 (relative crops) "
+                    "or plain greedy / sampling / beam search with a patched model."
+                )
+            target = rec.seen - abs(arg)
+            cut = rec.pruned_length - target
+            if cut > 0:  # the crop reaches into the prefill (e.g. rejected candidates prefilled with the prompt)
+                if rec.length - cut <= rec.last_dropped:
+                    raise UnsupportedInputError(
+                        f"the cache was cropped ({arg}) into the pruned part of the prompt; vlmprune cannot undo a "
+                        "pruned prefill. Start a new generate() call."
+                    )
+                rec.shrink(cut)
+            out = original(arg)
+            rec.seen = target
+            return out
+
+        cache.__dict__["crop"] = crop
+        self._cropped = weakref.ref(cache)
+
+    def _unshadow_crop(self) -> None:
+        cache = self._cropped() if self._cropped is not None else None
+        if cache is not None:
+            cache.__dict__.pop("crop", None)
+        self._cropped = None
 
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         call = self.call
@@ -592,10 +669,15 @@ class PatchState:
         n_real = real.sum(-1)
         pruned = bool((n_keep != n_real).any()) or bool(replace)
         self._write_stats(per_image, n_real, n_keep, time.perf_counter() - t0)
-        self.calls_pruned += 1
         if not pruned:
             self.record = None
             return None
+        if self._labels_given:
+            raise LabelsWhilePruningError(
+                "labels were passed to a model patched by vlmprune: its logits are in pruned coordinates (fewer "
+                "positions than input_ids), so a loss against labels would be misaligned. Compute losses on the "
+                "unpatched model (vlmprune.unpatch(model) or `with vlmprune.patched(...)` around inference only)."
+            )
 
         if replace:
             emb = emb.clone()
@@ -617,6 +699,14 @@ class PatchState:
             kwargs["attention_mask"] = slot_valid.to(dtype)
         contiguous = self.position_mode == "contiguous"
         pos = kwargs.get("position_ids")
+        next_pos = None
+        if contiguous:
+            if pos is not None:  # generate's convention: kept real tokens numbered 0..n-1
+                next_pos = keep.sum(-1)
+        else:
+            full = pos.to(dev) if pos is not None else torch.arange(L, device=dev).expand(B, L)
+            lead = full.shape[:-2]
+            next_pos = full.expand(*lead, B, L).masked_fill(~real, -1).amax(-1) + 1  # [..., B]
         if pos is not None:
             pos = pos.to(dev)
             if pos.ndim == 2 and contiguous:
@@ -632,7 +722,9 @@ class PatchState:
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(Lp, device=kwargs["cache_position"].device)
         self._gather_extra(kwargs, keep, idx, vis)
-        self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous, seen=Lp)
+        dropped_at = (real & ~keep).nonzero()
+        last_dropped = int(dropped_at[:, 1].max()) if dropped_at.numel() else -1
+        self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous, next_pos, last_dropped, seen=Lp)
         return args, kwargs
 
     def _gather_extra(self, kwargs: dict, keep: torch.Tensor, idx: torch.Tensor, vis: dict[str, torch.Tensor]) -> None:
@@ -675,16 +767,13 @@ class PatchState:
         rec.seen += q
         kwargs = dict(kwargs)
         am = kwargs.get("attention_mask")
-        if isinstance(am, torch.Tensor) and am.ndim == 2:
-            original_cols = rec.length + (clen - rec.pruned_length) + q
-            if am.shape[1] == original_cols and original_cols != clen + q:
-                kwargs["attention_mask"] = rec.translate_mask(am)
-            elif am.shape[1] != clen + q:
-                raise UnsupportedInputError(
-                    f"decode step got an attention_mask with {am.shape[1]} columns; after pruning the cache holds "
-                    f"{clen} tokens, so {clen + q} (pruned) or {original_cols} (original) were expected. Continuing "
-                    "a pruned cache with a longer prompt is not supported: start a new generate() call."
-                )
+        if am is None or (isinstance(am, torch.Tensor) and am.ndim == 2):
+            kwargs["attention_mask"] = rec.decode_mask(am, clen, q)
+        call = self.call
+        if call is not None and call.kwargs.get("position_ids") is None and rec.next_pos is not None:
+            # a hand-written decode loop: the model derived positions from the (shorter) pruned cache; give the
+            # ones generate() would pass, continuing from the original prompt's last position
+            kwargs["position_ids"] = self._next_positions(rec, kwargs.get("position_ids"), clen, q)
         pos = kwargs.get("position_ids")
         if rec.contiguous and isinstance(pos, torch.Tensor) and pos.ndim == 2:
             kwargs["position_ids"] = pos - rec.dropped.to(pos.device, pos.dtype)[:, None]
@@ -692,3 +781,13 @@ class PatchState:
             cp = kwargs["cache_position"]
             kwargs["cache_position"] = torch.arange(clen, clen + q, device=cp.device, dtype=cp.dtype)
         return args, kwargs
+
+    @staticmethod
+    def _next_positions(rec: _Prefill, current: torch.Tensor | None, clen: int, q: int) -> torch.Tensor:
+        nxt = rec.next_pos
+        if current is not None and current.ndim == 3 and nxt.ndim == 2 and nxt.shape[0] == current.shape[0] + 1:
+            nxt = nxt[1:]  # generate's 4-row layout (text row first) vs the model's own 3 M-RoPE rows
+        steps = clen - rec.pruned_length
+        offs = torch.arange(q, device=nxt.device)
+        out = nxt[..., None] + steps + offs
+        return out.to(current.dtype) if current is not None else out

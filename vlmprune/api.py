@@ -57,8 +57,9 @@ def make_config(method: str | PruneConfig, **options: Any) -> PruneConfig:
                 f"Got a {type(method).__name__} object and extra options {sorted(options)}; set them on the config "
                 "object instead (or pass method='name' with options)."
             )
-        method.validate()
-        return method
+        config = copy.deepcopy(method)  # later edits of the caller's object must not bypass validation
+        config.validate()
+        return config
     if isinstance(method, str):
         cls = METHODS.get(method)
         return cls.from_kwargs(**options)
@@ -112,18 +113,18 @@ def patch(model: Any, method: str | PruneConfig | None = None, *, replace: bool 
             f"{', '.join(list_supported_models())}."
         )
     existing = _state(target)
-    if existing is not None:
-        if not replace:
-            raise AlreadyPatchedError(
-                f"This model is already patched with {existing.config.name!r} (keep={existing.config.keep}); call "
-                "vlmprune.unpatch(model) first, or pass replace=True."
-            )
-        existing.remove()
+    if existing is not None and not replace:
+        raise AlreadyPatchedError(
+            f"This model is already patched with {existing.config.name!r} (keep={existing.config.keep}); call "
+            "vlmprune.unpatch(model) first, or pass replace=True."
+        )
     check_transformers()
     adapter = adapters.get(model_type)()
     from .patches._base import PatchState
 
-    state = PatchState(target, adapter, config, config.build())
+    state = PatchState(target, adapter, config, config.build())  # validates everything before touching the model
+    if existing is not None:
+        existing.remove()
     state.install()
     return model
 

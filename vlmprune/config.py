@@ -17,6 +17,21 @@ _POSITION_MODES = ("auto", "contiguous", "original")
 _warned_keep_one = False
 
 
+def _user_stacklevel() -> int:
+    """Stack level of the first frame outside vlmprune (and outside generated dataclass code)."""
+    import os
+    import sys
+
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (os.path.abspath(name).startswith(pkg) or name.startswith("<")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def _check_keep(keep: Any) -> float | int:
     global _warned_keep_one
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
@@ -33,7 +48,7 @@ def _check_keep(keep: Any) -> float | int:
             warnings.warn(
                 "keep=1 (an int) keeps ONE token per image; write keep=1.0 to keep all tokens.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
         return keep
     keep = float(keep)
