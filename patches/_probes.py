@@ -1,10 +1,11 @@
 """Attention probes: the attention each vision token *receives* in chosen ViT layers, recomputed for those
 layers only, while the tower keeps running with SDPA / flash-attention.
 
-A probe registers a forward pre-hook on each chosen attention module; the hook recomputes that layer's
-softmax attention from the module's own input and projections (:mod:`vlmprune.attention`) and stores one score
-vector per image, already mapped to the tokens the LLM receives (CLS dropped for CLIP; 2x2 merge units
-averaged and window order undone for Qwen). Nothing is kept of the maps themselves.
+A probe captures the outputs of the chosen attention modules' own query / key projections with forward hooks
+(no projection is computed twice) and, when the attention module returns, computes that layer's softmax
+attention (:mod:`vlmprune.attention`) and stores one score vector per image, already mapped to the tokens the
+LLM receives (CLS dropped for CLIP; 2x2 merge units averaged and window order undone for Qwen). Nothing is kept
+of the maps themselves.
 """
 
 from __future__ import annotations
@@ -63,14 +64,24 @@ class ClipAttentionProbe(AttentionProbe):
         blocks = getattr(tower, "vision_model", tower).encoder.layers
         for i in self.layers:
             attn = blocks[i].self_attn
-            ctx.register(attn.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+            captured: dict[str, torch.Tensor] = {}
+            ctx.register(attn.q_proj.register_forward_hook(self._keep(captured, "q")))
+            ctx.register(attn.k_proj.register_forward_hook(self._keep(captured, "k")))
+            ctx.register(attn.register_forward_hook(self._score(i, captured)))
 
-    def _hook(self, layer: int) -> Any:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            B, N, _ = h.shape
-            q = mod.q_proj(h).view(B, N, mod.num_heads, -1).transpose(1, 2)
-            k = mod.k_proj(h).view(B, N, mod.num_heads, -1).transpose(1, 2)
+    @staticmethod
+    def _keep(captured: dict, name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            captured[name] = out
+
+        return hook
+
+    def _score(self, layer: int, captured: dict) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            q, k = captured.pop("q"), captured.pop("k")
+            B, N, _ = q.shape
+            q = q.view(B, N, mod.num_heads, -1).transpose(1, 2)
+            k = k.view(B, N, mod.num_heads, -1).transpose(1, 2)
             with torch.no_grad():
                 s = received_attention(q, k, float(mod.scale))  # (B, N): mean over heads and ALL queries
             if N == self.n_grid + 1:  # drop the CLS key (after averaging over all queries, CLS row included)
@@ -90,9 +101,31 @@ class QwenAttentionProbe(AttentionProbe):
         self.visual = visual
         ctx.register(visual.register_forward_pre_hook(self._visual_pre, with_kwargs=True))
         for i in self.layers:
-            ctx.register(visual.blocks[i].attn.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+            attn = visual.blocks[i].attn
+            captured: dict[str, Any] = {}
+            ctx.register(attn.register_forward_pre_hook(self._keep_rope(captured), with_kwargs=True))
+            ctx.register(attn.qkv.register_forward_hook(self._keep_qkv(captured)))
+            ctx.register(attn.register_forward_hook(self._hook(i, captured)))
         self.grid: torch.Tensor | None = None
         self.unpermute: torch.Tensor | None = None
+
+    @staticmethod
+    def _keep_rope(captured: dict) -> Any:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            cos_sin = kwargs.get("position_embeddings")
+            if cos_sin is None:  # older releases pass the raw rotary angles
+                emb = torch.cat([kwargs["rotary_pos_emb"]] * 2, dim=-1)
+                cos_sin = (emb.cos(), emb.sin())
+            captured["rope"] = cos_sin
+
+        return hook
+
+    @staticmethod
+    def _keep_qkv(captured: dict) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            captured["qkv"] = out
+
+        return hook
 
     def _visual_pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -114,20 +147,16 @@ class QwenAttentionProbe(AttentionProbe):
             patch_size=visual.patch_size,
         )[0]
 
-    def _hook(self, layer: int) -> Any:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            S = h.shape[0]
-            q, k, _ = mod.qkv(h).reshape(S, 3, mod.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            cos_sin = kwargs.get("position_embeddings")
-            if cos_sin is None:  # older releases pass the raw rotary angles
-                emb = torch.cat([kwargs["rotary_pos_emb"]] * 2, dim=-1)
-                cos_sin = (emb.cos(), emb.sin())
+    def _hook(self, layer: int, captured: dict) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            qkv, cos_sin = captured.pop("qkv"), captured.pop("rope")
+            S = qkv.shape[0]
+            q, k, _ = qkv.reshape(S, 3, mod.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             rope = sys.modules[type(mod).__module__].apply_rotary_pos_emb_vision
             q, k = rope(q, k, *cos_sin)
             m2 = self.visual.spatial_merge_size**2
             if self.unpermute is not None:
-                idx = self.unpermute.to(h.device)
+                idx = self.unpermute.to(qkv.device)
                 q = q.reshape(S // m2, m2, *q.shape[1:])[idx].reshape(S, *q.shape[1:])
                 k = k.reshape(S // m2, m2, *k.shape[1:])[idx].reshape(S, *k.shape[1:])
             start = 0

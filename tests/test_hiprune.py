@@ -184,7 +184,7 @@ def test_clip_probe_equals_eager_attention():
 
 
 def test_hiprune_layers_are_read_only_where_needed():
-    """Only the two chosen attention modules get a hook; the towers and the LLM keep SDPA."""
+    """Only the two chosen attention modules (and their qkv projections) get hooks; everything keeps SDPA."""
     model = get_model("qwen2_5_vl")
     before = {n for n, m in model.named_modules() if m._forward_pre_hooks}
     with vlmprune.patched(model, method="hiprune", keep=0.25):
