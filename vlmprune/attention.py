@@ -23,7 +23,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     Returns:
         ``(..., H, Nq, Nk)`` probabilities; each row sums to 1.
     """
-    return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+    return torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
