@@ -699,26 +699,20 @@ class PatchState:
             kwargs["attention_mask"] = slot_valid.to(dtype)
         contiguous = self.position_mode == "contiguous"
         pos = kwargs.get("position_ids")
-        next_pos = None
-        if contiguous:
-            if pos is not None:  # generate's convention: kept real tokens numbered 0..n-1
-                next_pos = keep.sum(-1)
-        else:
-            full = pos.to(dev) if pos is not None else torch.arange(L, device=dev).expand(B, L)
-            lead = full.shape[:-2]
-            next_pos = full.expand(*lead, B, L).masked_fill(~real, -1).amax(-1) + 1  # [..., B]
-        if pos is not None:
-            pos = pos.to(dev)
-            if pos.ndim == 2 and contiguous:
+        next_pos = None  # original-convention position of the first new token, per row
+        if contiguous:  # 1-D RoPE renumbered: kept real tokens are 0..n-1 (None: the LLM numbers them itself)
+            if pos is not None:
                 new = slot_valid.long().cumsum(-1) - 1
                 kwargs["position_ids"] = new.masked_fill(~slot_valid, 0).to(pos.dtype)
-            else:
-                lead = pos.shape[:-2]
-                kwargs["position_ids"] = pos.expand(*lead, B, L).gather(-1, idx.expand(*lead, B, Lp))
-        elif not contiguous:
-            if self.adapter.mrope:
+                next_pos = keep.sum(-1)
+        else:  # original positions ([B, L], or [3|4, B, L] for M-RoPE) gathered at the kept tokens
+            if pos is None and self.adapter.mrope:
                 raise PatchBypassedError("M-RoPE model called its language model without position_ids; cannot prune.")
-            kwargs["position_ids"] = torch.arange(L, device=dev).expand(B, L).gather(1, idx)
+            full = pos.to(dev) if pos is not None else torch.arange(L, device=dev).expand(B, L)
+            lead = full.shape[:-2]
+            full = full.expand(*lead, B, L)
+            kwargs["position_ids"] = full.gather(-1, idx.expand(*lead, B, Lp))
+            next_pos = full.masked_fill(~real, -1).amax(-1) + 1
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(Lp, device=kwargs["cache_position"].device)
         self._gather_extra(kwargs, keep, idx, vis)
