@@ -764,12 +764,13 @@ class PatchState:
         if am is None or (isinstance(am, torch.Tensor) and am.ndim == 2):
             kwargs["attention_mask"] = rec.decode_mask(am, clen, q)
         call = self.call
+        pos = kwargs.get("position_ids")
         if call is not None and call.kwargs.get("position_ids") is None and rec.next_pos is not None:
             # a hand-written decode loop: the model derived positions from the (shorter) pruned cache; give the
-            # ones generate() would pass, continuing from the original prompt's last position
-            kwargs["position_ids"] = self._next_positions(rec, kwargs.get("position_ids"), clen, q)
-        pos = kwargs.get("position_ids")
-        if rec.contiguous and isinstance(pos, torch.Tensor) and pos.ndim == 2:
+            # ones generate() would pass, continuing from the prompt's last position in the patch's convention
+            kwargs["position_ids"] = self._next_positions(rec, pos, clen, q)
+        elif rec.contiguous and isinstance(pos, torch.Tensor) and pos.ndim == 2:
+            # generate's positions count the dropped tokens; contiguous numbering does not
             kwargs["position_ids"] = pos - rec.dropped.to(pos.device, pos.dtype)[:, None]
         if kwargs.get("cache_position") is not None:
             cp = kwargs["cache_position"]
