@@ -94,7 +94,12 @@ class ClipAttentionProbe(AttentionProbe):
 class QwenAttentionProbe(AttentionProbe):
     """Qwen2-VL / Qwen2.5-VL ViTs: fused ``qkv``, vision RoPE, packed images, 2x2 merger; Qwen2.5-VL runs its
     blocks in window-permuted order, undone here. Attention is recomputed densely over each frame (what the
-    official HiPrune Qwen code does), whether the block is a window block or not."""
+    official HiPrune Qwen code does), whether the block is a window block or not. With ``with_keys`` each
+    image's entry is ``{"received": (n,), "keys": (n, d)}`` (head-mean keys averaged over merge units)."""
+
+    def __init__(self, model: nn.Module, layers: list[int], with_keys: bool = False) -> None:
+        super().__init__(model, layers)
+        self.with_keys = with_keys
 
     def install(self, ctx: Any) -> None:
         visual = self.model.model.visual
@@ -169,6 +174,52 @@ class QwenAttentionProbe(AttentionProbe):
                         frames.append(received_attention(qf, kf, float(mod.scaling)))
                         start += hh * ww
                     # one score per LLM token: the mean over its merge unit (consecutive patches)
-                    self.scores[layer].append(torch.cat(frames).view(-1, m2).mean(-1))
+                    score = torch.cat(frames).view(-1, m2).mean(-1)
+                    if self.with_keys:  # head-mean keys, averaged over each merge unit too
+                        n = t * hh * ww
+                        kimg = k[start - n : start].mean(1)  # (n, d)
+                        score = {"received": score, "keys": kimg.view(-1, m2, kimg.shape[-1]).mean(1)}
+                    self.scores[layer].append(score)
+
+        return hook
+
+
+class ClipLayerCapture(AttentionProbe):
+    """One CLIP block, per image: the CLS row of its attention (summed over heads) over the patches, the
+    head-mean keys of every token, and the block's output hidden states (CLS included) — what VisionZip reads.
+    Captured from the block's own q/k projections and output (no recomputed projection)."""
+
+    def __init__(self, model: nn.Module, layer: int, n_grid: int) -> None:
+        super().__init__(model, [layer])
+        self.layer = layer
+        self.n_grid = n_grid
+
+    def install(self, ctx: Any) -> None:
+        tower = self.model.model.vision_tower
+        block = getattr(tower, "vision_model", tower).encoder.layers[self.layer]
+        attn = block.self_attn
+        captured: dict[str, torch.Tensor] = {}
+        ctx.register(attn.q_proj.register_forward_hook(ClipAttentionProbe._keep(captured, "q")))
+        ctx.register(attn.k_proj.register_forward_hook(ClipAttentionProbe._keep(captured, "k")))
+        ctx.register(block.register_forward_hook(self._on_block(attn, captured)))
+
+    def _on_block(self, attn: nn.Module, captured: dict) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            hidden = out[0] if isinstance(out, tuple) else out
+            q, k = captured.pop("q"), captured.pop("k")
+            B, N, _ = q.shape
+            H = attn.num_heads
+            if N != self.n_grid + 1:
+                raise PatchBypassedError("VisionZip needs a CLS token; this vision tower has none.")
+            with torch.no_grad():
+                qh = q[:, :1].view(B, 1, H, -1).transpose(1, 2)  # CLS query only: O(N d) per head
+                kh = k.view(B, N, H, -1).transpose(1, 2)
+                cls_row = torch.softmax((qh.float() * float(attn.scale)) @ kh.float().transpose(-1, -2), -1)
+                cls_attn = cls_row[:, :, 0, 1:].sum(1)  # (B, N-1): summed over heads, CLS column dropped
+                keys = kh.mean(1)  # (B, N, d): head-mean keys, CLS included
+            for b in range(B):
+                self.scores[self.layer].append(
+                    {"cls_attention": cls_attn[b], "keys": keys[b, 1:], "hidden": hidden[b]}
+                )
 
         return hook

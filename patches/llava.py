@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._base import Adapter, VisionItem, _Call, content_key
-from ._probes import ClipAttentionProbe
+from ._probes import ClipAttentionProbe, ClipLayerCapture
 
 __all__ = ["LlavaAdapter"]
 
@@ -22,7 +22,7 @@ __all__ = ["LlavaAdapter"]
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
     mrope = False
-    provides = frozenset({"vit_attention"})
+    provides = frozenset({"vit_attention", "vit_cls_attention"})
 
     @staticmethod
     def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -37,6 +37,16 @@ class LlavaAdapter(Adapter):
         layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
         # hidden_states[i] is the output of block i - 1 (index 0 = embeddings)
         return layer - 1 if layer >= 0 else layer
+
+    def layer_capture(self, model: nn.Module, layer: int) -> ClipLayerCapture:
+        """CLS-row attention, head-mean keys and output hidden states of one block, per image."""
+        vc = model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        return ClipLayerCapture(model, layer, side * side)
+
+    def project(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision hidden states ``(..., D_vision)`` -> LLM tokens ``(..., D_text)`` (LLaVA's projector)."""
+        return model.model.multi_modal_projector(hidden)
 
     def attention_probe(self, model: nn.Module, layers: list[int]) -> ClipAttentionProbe:
         vc = model.config.vision_config

@@ -33,6 +33,10 @@ class Qwen2VLAdapter(Adapter):
     def attention_probe(self, model: nn.Module, layers: list[int]) -> QwenAttentionProbe:
         return QwenAttentionProbe(model, layers)
 
+    def layer_capture(self, model: nn.Module, layer: int) -> QwenAttentionProbe:
+        """Attention received and head-mean keys of one block, per LLM token of each image (no CLS here)."""
+        return QwenAttentionProbe(model, [layer], with_keys=True)
+
     def _items(
         self, kind: str, grids: torch.Tensor, pixels: torch.Tensor | None, model: nn.Module
     ) -> list[VisionItem]:

@@ -38,6 +38,7 @@ from .methods.hiprune import HiPruneConfig
 from .methods.pool import PoolConfig
 from .methods.random import RandomConfig
 from .methods.uniform import UniformConfig
+from .methods.visionzip import VisionZipConfig
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "UniformConfig",
     "PoolConfig",
     "HiPruneConfig",
+    "VisionZipConfig",
     "VlmpruneError",
     "UnknownMethodError",
     "UnsupportedModelError",

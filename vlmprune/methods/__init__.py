@@ -15,6 +15,7 @@ METHODS.register("random", "vlmprune.methods.random:RandomConfig")
 METHODS.register("uniform", "vlmprune.methods.uniform:UniformConfig")
 METHODS.register("pool", "vlmprune.methods.pool:PoolConfig")
 METHODS.register("hiprune", "vlmprune.methods.hiprune:HiPruneConfig")
+METHODS.register("visionzip", "vlmprune.methods.visionzip:VisionZipConfig")
 
 
 def register_method(name: str, config_cls: str | type, *, replace: bool = False) -> None:
