@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m eval bench-prefill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--keep", nargs="+", type=keep_arg, default=[0.25, 0.11])
-    p.add_argument("--methods", nargs="+", default=["hiprune"], help="methods timed beside uniform")
+    p.add_argument("--methods", nargs="+", default=["hiprune", "visionzip"], help="methods timed beside uniform")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--size", default="bench", choices=["tiny", "demo", "bench"])
     p.add_argument("--text-tokens", type=int, default=40)
