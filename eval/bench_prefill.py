@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import vlmprune
+from vlmprune import stats
 from vlmprune.methods.uniform import uniform_indices
 from vlmprune.testing import make_inputs, tiny_model
 
@@ -108,6 +109,17 @@ def main(argv: list[str] | None = None) -> None:
         for m in a.methods:
             ratios[f"{m}@{k}/uniform@{k}"] = med[f"{m}@{k}"] / med[f"uniform@{k}"]
             ratios[f"unpatched/{m}@{k}"] = med["unpatched"] / med[f"{m}@{k}"]
+    # the analytic FLOP bound (vlmprune.stats), to read the measured speed-ups against
+    vision, projector = stats.vision_flops(model.config, n_images=1)
+    n_vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    n_text = inputs["input_ids"].shape[1] - n_vision
+    flops = {}
+    for k in [1.0, *a.keep]:
+        n_img = vlmprune.make_config("uniform", keep=k).budget(n_vision)
+        llm, head, decode = stats.llm_flops(model.config.text_config, n_text + n_img)
+        flops[f"@{k}"] = stats.FlopBreakdown(vision, projector, llm, head, decode).to_dict()
+    for k in a.keep:
+        ratios[f"flops_bound_unpatched/@{k}"] = flops["@1.0"]["prefill"] / flops[f"@{k}"]["prefill"]
     n_params = sum(p.numel() for p in model.parameters())
     out = {
         "benchmark": "prefill",
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             "keep": a.keep,
             "method": "uniform",
             "text_tokens": a.text_tokens,
-            "vision_tokens": 576,
+            "vision_tokens": n_vision,
             "rounds": a.rounds,
             "warmup": 2,
             "dtype": "float32",
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(),
         "timings": res,
         "ratios": ratios,
+        "analytic_flops": flops,
         "checks": checks,
     }
     print(

@@ -1,0 +1,65 @@
+"""Analytic FLOPs (vlmprune.stats) against torch's FlopCounterMode, per component, eager and SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import get_model, inputs_for
+
+import vlmprune
+from vlmprune import stats
+from vlmprune.testing import tiny_model
+
+CASES = {
+    "llava": ([[5, "image", 3, "image", 2]], None, 2),
+    "qwen2_vl": ([[5, ("image", 8, 12), 3, ("image", 4, 8)]], [(1, 8, 12), (1, 4, 8)], 0),
+    "qwen2_5_vl": ([[5, ("image", 8, 12), 3, ("image", 4, 8)]], [(1, 8, 12), (1, 4, 8)], 0),
+}
+
+
+def _close(counted, analytic, rel=0.0):
+    assert abs(counted - analytic) <= rel * analytic, (counted, analytic)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_analytic_equals_counter(family, attn):
+    spec, grids, n_images = CASES[family]
+    model = tiny_model(family, seed=1, attn_implementation=attn)
+    inputs = inputs_for(model, spec)
+    counted = stats.count_flops(model, inputs, logits_to_keep=1)
+    vision, projector = stats.vision_flops(model.config, n_images=n_images, grids=grids)
+    llm, head, _ = stats.llm_flops(model.config.text_config, inputs["input_ids"].shape[1])
+    assert counted["vision"] == vision and counted["projector"] == projector and counted["lm_head"] == head
+    _close(counted["llm_prefill"], llm, rel=1e-3)  # transformers 5.0 also counts its RoPE-angle matmul
+    assert counted["vision"] > 0 and counted["llm_prefill"] > 0
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_pruned_llm_flops_follow_the_kept_tokens(family):
+    spec, _, _ = CASES[family]
+    model = get_model(family)
+    inputs = inputs_for(model, spec)
+    full = stats.count_flops(model, inputs, logits_to_keep=1)["llm_prefill"]
+    with vlmprune.patched(model, method="uniform", keep=0.25):
+        pruned = stats.count_flops(model, inputs, logits_to_keep=1)["llm_prefill"]
+        n_kept = vlmprune.last_stats(model)["seq_len_out"][0]
+    llm, _, _ = stats.llm_flops(model.config.text_config, n_kept)
+    _close(pruned, llm, rel=1e-3)
+    assert pruned < 0.6 * full
+
+
+def test_decode_step_flops():
+    model = get_model("llava")
+    inputs = inputs_for(model, [[5, "image", 3]])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    step = {"input_ids": out.logits[:, -1:].argmax(-1), "past_key_values": out.past_key_values, "use_cache": True}
+    counted = stats.count_flops(model, step)
+    _, _, decode = stats.llm_flops(model.config.text_config, inputs["input_ids"].shape[1])
+    _close(counted["llm_prefill"] + counted["lm_head"], decode, rel=1e-3)
+
+
+def test_breakdown_totals():
+    b = stats.FlopBreakdown(vision=1, projector=2, llm_prefill=3, lm_head=4, decode_per_token=5)
+    assert b.prefill == 10 and b.to_dict()["prefill"] == 10

@@ -1,0 +1,194 @@
+"""Analytic FLOPs of a VLM prefill and decode step, per component, and a cross-check with torch's counter.
+
+Convention (the same as ``torch.utils.flop_counter.FlopCounterMode``, so the two agree exactly on eager
+attention): matrix products and convolutions only, 2 FLOPs per multiply-accumulate; attention counts the full
+``Lq x Lk`` score and value products (causal masking does not halve it); norms, activations, softmax, RoPE and
+biases are ignored. On CPU the counter does not see SDPA unless :func:`register_cpu_sdpa_flops` was called.
+(transformers 5.0 computes RoPE angles with a small matmul the counter sees: ``head_dim * n`` FLOPs per
+rotary call, about 1e-4 of a layer; later releases don't.)
+
+Formulas (``n`` tokens through a block, ``d`` width, ``f`` MLP width, ``d_q = heads * head_dim``,
+``d_kv = kv_heads * head_dim``):
+
+* LLM decoder layer: ``2 n d (2 d_q + 2 d_kv)`` (q, k, v, o projections; o maps ``d_q -> d``)
+  ``+ 3 * 2 n d f`` (gated MLP) ``+ 2 * 2 n_q n_k d_q`` (scores and values);
+* lm_head: ``2 d V`` per position whose logits are computed (``logits_to_keep``);
+* CLIP tower (LLaVA): patch conv ``2 P (3 p^2) d`` + per layer ``8 N d^2 + 4 N d f + 4 N^2 d`` with ``N = P + 1``
+  (CLS), for every layer of the tower: transformers runs them all although LLaVA reads layer -2 (measured on
+  5.0-5.24; ``vit_layers`` overrides it, e.g. for a tower truncated at the feature layer);
+* LLaVA projector: ``2 P d_v d_t + 2 P d_t^2`` per image (runs on all patches, before pruning);
+* Qwen ViT: patch conv ``2 S (C t_p p^2) d``; per block ``2 S d (3d) + 2 S d d`` + MLP (Qwen2-VL ``4 S d f``;
+  Qwen2.5-VL gated ``6 S d f``) + attention ``4 d sum(n_c^2)`` over its attention chunks (frames for full
+  blocks, windows for Qwen2.5-VL's window blocks); merger ``2 (S/m^2) (d m^2)^2 + 2 (S/m^2) (d m^2) d_out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+__all__ = ["FlopBreakdown", "llm_layer_flops", "llm_flops", "vision_flops", "register_cpu_sdpa_flops", "count_flops"]
+
+
+@dataclasses.dataclass
+class FlopBreakdown:
+    """FLOPs of one prefill (and of one decode step) by component."""
+
+    vision: float = 0.0
+    projector: float = 0.0
+    llm_prefill: float = 0.0
+    lm_head: float = 0.0
+    decode_per_token: float = 0.0
+
+    @property
+    def prefill(self) -> float:
+        return self.vision + self.projector + self.llm_prefill + self.lm_head
+
+    def to_dict(self) -> dict[str, float]:
+        d = dataclasses.asdict(self)
+        d["prefill"] = self.prefill
+        return d
+
+
+def llm_layer_flops(cfg: Any, n_q: int, n_k: int) -> float:
+    """One decoder layer for ``n_q`` new tokens attending to ``n_k`` keys (batch 1)."""
+    d = cfg.hidden_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    d_q = cfg.num_attention_heads * hd
+    d_kv = (cfg.num_key_value_heads or cfg.num_attention_heads) * hd
+    proj = 2 * n_q * d * (2 * d_q + 2 * d_kv)
+    mlp = 3 * 2 * n_q * d * cfg.intermediate_size
+    attn = 2 * 2 * n_q * n_k * d_q
+    return float(proj + mlp + attn)
+
+
+def llm_flops(cfg: Any, n_tokens: int, logits: int = 1, decode_context: int | None = None) -> tuple[float, ...]:
+    """``(llm_prefill, lm_head, decode_per_token)`` for a prompt of ``n_tokens`` LLM tokens (batch 1).
+
+    ``decode_context``: cache length the decode step attends to (default ``n_tokens``, the first new token).
+    """
+    layers = cfg.num_hidden_layers
+    prefill = layers * llm_layer_flops(cfg, n_tokens, n_tokens)
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size
+    ctx = (decode_context if decode_context is not None else n_tokens) + 1
+    decode = layers * llm_layer_flops(cfg, 1, ctx) + head
+    return prefill, logits * head, decode
+
+
+def _clip_flops(vc: Any, n_images: int, vit_layers: int) -> float:
+    p = vc.patch_size
+    P = (vc.image_size // p) ** 2
+    N = P + 1
+    d, f = vc.hidden_size, vc.intermediate_size
+    per_layer = 8 * N * d * d + 4 * N * d * f + 4 * N * N * d
+    return float(n_images * (2 * P * 3 * p * p * d + vit_layers * per_layer))
+
+
+def _qwen_vision_flops(vc: Any, grids: list[tuple[int, int, int]], window: bool) -> float:
+    m = vc.spatial_merge_size
+    d = getattr(vc, "embed_dim", None) if not window else vc.hidden_size
+    d = d or vc.hidden_size
+    if window:  # Qwen2.5-VL: gated MLP, window attention except in fullatt blocks
+        f, mlp_mult = vc.intermediate_size, 6
+        d_out = vc.out_hidden_size
+    else:
+        f, mlp_mult = int(d * vc.mlp_ratio), 4
+        d_out = vc.hidden_size
+    S = sum(t * h * w for t, h, w in grids)
+    patch = 2 * S * (vc.in_channels * vc.temporal_patch_size * vc.patch_size**2) * d
+    full_chunks = sum(t * (h * w) ** 2 for t, h, w in grids)
+    win_chunks = full_chunks
+    if window:
+        win = vc.window_size // m // vc.patch_size  # window side in merged tokens
+        win_chunks = 0
+        for t, h, w in grids:
+            hm, wm = h // m, w // m
+            for r0 in range(0, hm, win):
+                for c0 in range(0, wm, win):
+                    n = (min(win, hm - r0) * min(win, wm - c0)) * m * m
+                    win_chunks += t * n * n
+    total = patch
+    depth = vc.depth
+    full = set(getattr(vc, "fullatt_block_indexes", None) or range(depth)) if window else set(range(depth))
+    for i in range(depth):
+        chunks = full_chunks if i in full else win_chunks
+        total += 2 * S * d * 3 * d + 2 * S * d * d + mlp_mult * S * d * f + 4 * d * chunks
+    dm = d * m * m
+    total += 2 * (S // (m * m)) * dm * dm + 2 * (S // (m * m)) * dm * d_out
+    return float(total)
+
+
+def vision_flops(
+    model_config: Any,
+    *,
+    n_images: int = 0,
+    grids: list[tuple[int, int, int]] | None = None,
+    vit_layers: int | None = None,
+) -> tuple[float, float]:
+    """``(vision tower, projector)`` FLOPs for the images of one prompt.
+
+    LLaVA: ``n_images`` images; ``vit_layers`` = blocks run (default: all of them). Qwen-VL:
+    ``grids`` = ``(t, h, w)`` patch grids (the merger is counted in the vision tower, as it lives there).
+    """
+    mt = model_config.model_type
+    vc = model_config.vision_config
+    if mt == "llava":
+        if vit_layers is None:
+            vit_layers = vc.num_hidden_layers
+        P = (vc.image_size // vc.patch_size) ** 2
+        dt = model_config.text_config.hidden_size
+        proj = n_images * (2 * P * vc.hidden_size * dt + 2 * P * dt * dt)
+        return _clip_flops(vc, n_images, vit_layers), float(proj)
+    if mt in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen_vision_flops(vc, list(grids or []), window=mt == "qwen2_5_vl"), 0.0
+    raise ValueError(f"no FLOP formula for model_type {mt!r}")
+
+
+_registered = False
+
+
+def register_cpu_sdpa_flops() -> None:
+    """Teach ``FlopCounterMode`` the CPU SDPA kernel (torch registers only the CUDA ones); idempotent.
+
+    This mutates torch's global formula registry, once, with the same formula torch uses on GPU.
+    """
+    global _registered
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if _registered or op is None or op in flop_registry or op.default in flop_registry:
+        _registered = True
+        return
+
+    @register_flop_formula(op, get_raw=True)
+    def _sdpa_cpu(query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    _registered = True
+
+
+def count_flops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **forward_kwargs: Any) -> dict[str, float]:
+    """FLOPs of one forward measured by ``FlopCounterMode``, by component (same keys as :class:`FlopBreakdown`
+    minus ``decode_per_token``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_cpu_sdpa_flops()
+    with torch.no_grad(), FlopCounterMode(display=False, depth=4) as fc:
+        model(**inputs, **forward_kwargs)
+    counts = {k: float(sum(v.values())) for k, v in fc.get_flop_counts().items()}
+    top = type(model).__name__
+    vlm = f"{top}.model"
+
+    def get(name: str) -> float:
+        return counts.get(name, 0.0)
+
+    vision = get(f"{vlm}.vision_tower") + get(f"{vlm}.visual")
+    return {
+        "vision": vision,
+        "projector": get(f"{vlm}.multi_modal_projector"),
+        "llm_prefill": get(f"{vlm}.language_model"),
+        "lm_head": get(f"{top}.lm_head"),
+        "prefill": get("Global"),
+    }
