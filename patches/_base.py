@@ -275,6 +275,15 @@ class PatchState:
 
     # ---- install / remove ------------------------------------------------------------------------------------
     def install(self) -> None:
+        """Register every hook and shadow; on any failure, undo what was done and re-raise."""
+        try:
+            self._install()
+            self.method.attach(self)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install(self) -> None:
         m, vlm, lm = self.model, self.vlm, self.lm
         self.handles.append(m.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(vlm.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
@@ -294,11 +303,6 @@ class PatchState:
         if cmfg is not None:
             self.shadow(m, "create_masks_for_generate", self._make_cmfg_shadow(cmfg))
         setattr(m, STATE_ATTR, self)
-        try:
-            self.method.attach(self)
-        except BaseException:
-            self.remove()
-            raise
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise UnsupportedInputError(

@@ -279,3 +279,16 @@ def test_peft_wrapped_model():
         assert pruned.shape[1] < ref.shape[1]
         vlmprune.unpatch(wrapped)
         assert torch.equal(wrapped(**inputs).logits, ref)
+
+
+def test_failed_install_leaves_nothing_behind():
+    model = get_model("qwen2_vl")
+    before = hook_snapshot(model)
+    model.model.__dict__["get_placeholder_mask"] = model.model.get_placeholder_mask  # another tool's shadow
+    try:
+        with pytest.raises(vlmprune.UnsupportedModelError, match="already overridden"):
+            vlmprune.patch(model, method="uniform", keep=0.5)
+        assert not vlmprune.is_patched(model)
+    finally:
+        del model.model.__dict__["get_placeholder_mask"]
+    assert hook_snapshot(model) == before
