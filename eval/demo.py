@@ -112,7 +112,10 @@ def keep_arg(text: str) -> float | int:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m eval demo", description=__doc__)
     p.add_argument(
-        "--methods", nargs="+", default=["uniform", "random", "pool", "hiprune"], choices=vlmprune.list_methods()
+        "--methods",
+        nargs="+",
+        default=["uniform", "random", "pool", "hiprune", "visionzip"],
+        choices=vlmprune.list_methods(),
     )
     p.add_argument("--keep", nargs="+", type=keep_arg, default=[0.25, 0.11])
     p.add_argument("--rounds", type=int, default=5)
