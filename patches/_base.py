@@ -660,6 +660,8 @@ class PatchState:
         keep = real.clone()
         for m in vis.values():
             keep &= ~m
+        if not self.method.prunes_at_entry:
+            return self._plan_in_llm(call, vis, real, t0)
         replace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         per_image = []
         for seg in self._segments(call, vis):
@@ -724,6 +726,36 @@ class PatchState:
         last_dropped = int(dropped_at[:, 1].max()) if dropped_at.numel() else -1
         self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous, next_pos, last_dropped, seen=Lp)
         return args, kwargs
+
+    def _plan_in_llm(self, call: _Call, vis: dict[str, torch.Tensor], real: torch.Tensor, t0: float) -> None:
+        """Methods that prune inside the LLM (FastV): the LLM input stays whole; hand the method each image's
+        positions and budget, which it applies at its own layer (see ``Method.plan_prefill``)."""
+        plan, per_image = [], []
+        n_drop = torch.zeros(real.shape[0], dtype=torch.long, device=real.device)
+        for seg in self._segments(call, vis):
+            n = int(seg.positions.numel()) - seg.prefix
+            k = self.config.budget(n)
+            plan.append((seg, k))
+            n_drop[seg.row] += n - k
+            per_image.append(
+                {
+                    "row": seg.row,
+                    "kind": seg.kind,
+                    "grid": list(seg.grid),
+                    "tokens_in": n + seg.prefix,
+                    "tokens_out": k + seg.prefix,
+                }
+            )
+        n_real = real.sum(-1)
+        self._write_stats(per_image, n_real, n_real - n_drop, time.perf_counter() - t0)
+        self.record = None
+        if self._labels_given and bool((n_drop > 0).any()):
+            raise LabelsWhilePruningError(
+                "labels were passed to a model patched by vlmprune: its logits are in pruned coordinates, so a loss "
+                "against labels would be misaligned. Compute losses on the unpatched model."
+            )
+        self.method.plan_prefill(plan, real, per_image)
+        return None
 
     def _gather_extra(self, kwargs: dict, keep: torch.Tensor, idx: torch.Tensor, vis: dict[str, torch.Tensor]) -> None:
         """Hook for families whose LLM takes more per-token inputs (Qwen3-VL DeepStack)."""

@@ -51,25 +51,55 @@ def inputs_for(model: torch.nn.Module, spec: list[list[Any]] | None = None, **kw
 
 
 class LLMProbe:
-    """Records what the language model actually receives (independent of vlmprune's own counters)."""
+    """Records what a module actually receives (default: the language model), independent of vlmprune's own
+    counters. ``at_cut=True`` probes where the pruned sequence enters on a patched model: the LLM input, or
+    decoder layer K for methods that prune inside the LLM (FastV)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, at_cut: bool = False) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.lm = model.model.language_model
+        self.model = model
+        self.at_cut = at_cut
         self.handle = None
 
     def __enter__(self) -> LLMProbe:
         def hook(mod, args, kwargs):
-            self.calls.append(
-                {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-            )
+            rec = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            if args and isinstance(args[0], torch.Tensor):
+                rec["hidden_states"] = args[0].detach().clone()
+            self.calls.append(rec)
 
-        # registered with prepend=False *after* vlmprune's pre-hook, so it sees the rewritten inputs
-        self.handle = self.lm.register_forward_pre_hook(hook, with_kwargs=True)
+        module = cut_module(self.model) if self.at_cut else self.model.model.language_model
+        # registered after vlmprune's pre-hooks, so it sees the rewritten inputs
+        self.handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
+
+
+def cut_module(model: torch.nn.Module) -> torch.nn.Module:
+    lm = model.model.language_model
+    if vlmprune.is_patched(model) and vlmprune.get_config(model).name == "fastv":
+        return lm.layers[vlmprune.get_config(model).layer]
+    return lm
+
+
+def sequence(call: dict[str, Any]) -> torch.Tensor:
+    """The token sequence a probed call received ``(B, L, D)``."""
+    return call["inputs_embeds"] if call.get("inputs_embeds") is not None else call["hidden_states"]
+
+
+def valid_slots(call: dict[str, Any]) -> torch.Tensor:
+    """``(B, L)`` bool: which positions of a probed call are real tokens (2-D mask, or the last query row of a
+    4-D mask: bool = allowed, float = 0 where allowed; no mask = all)."""
+    seq = sequence(call)
+    mask = call.get("attention_mask")
+    if mask is None:
+        return torch.ones(seq.shape[:2], dtype=torch.bool)
+    if mask.ndim == 2:
+        return mask.bool()
+    row = mask[:, 0, -1, :]
+    return row if row.dtype == torch.bool else row == 0
 
 
 def hook_snapshot(model: torch.nn.Module) -> dict[str, Any]:

@@ -250,6 +250,7 @@ def test_accelerate_dispatch_with_disk_offload(tmp_path):
         "model.language_model.embed_tokens": "cpu",
         "model.language_model.layers.0": "cpu",
         "model.language_model.layers.1": "disk",
+        "model.language_model.layers.2": "cpu",
         "model.language_model.norm": "cpu",
         "model.language_model.rotary_emb": "cpu",
         "lm_head": "cpu",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SPECS, LLMProbe, MRoPE, get_model, hook_snapshot, inputs_for
+from conftest import SPECS, LLMProbe, MRoPE, get_model, hook_snapshot, inputs_for, sequence, valid_slots
 
 import vlmprune
 from vlmprune.config import resolve_budget
@@ -82,11 +82,11 @@ def test_llm_receives_exactly_the_budget(model, method, keep):
     expected_vision = torch.tensor([sum(resolve_budget(keep, n) for n in row) for row in per_row])
     n_text = n_real - torch.tensor([sum(row) for row in per_row])
     vlmprune.patch(model, method=method, keep=keep)
-    with LLMProbe(model) as probe, torch.no_grad():
+    with LLMProbe(model, at_cut=True) as probe, torch.no_grad():
         model(**inputs)
     call = probe.calls[0]
-    real = call["attention_mask"].bool()
-    assert call["inputs_embeds"].shape[1] == int((n_text + expected_vision).max())
+    real = valid_slots(call)
+    assert sequence(call).shape[1] == int((n_text + expected_vision).max())
     assert torch.equal(real.sum(-1), n_text + expected_vision)
     # the text tokens reach the LLM unchanged, in order
     emb = model.get_input_embeddings()
@@ -94,6 +94,8 @@ def test_llm_receives_exactly_the_budget(model, method, keep):
     for b in range(len(per_row)):
         ids_b = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
         text_ref = emb(ids_b[ids_b != tok])
+        if sequence(call) is not call.get("inputs_embeds"):
+            continue  # inside the LLM (FastV) the rows are hidden states, not embeddings
         got = call["inputs_embeds"][b][real[b]]
         ptr = 0  # the text embeddings appear, unchanged and in order, among the real slots
         for row in got:
@@ -111,9 +113,9 @@ def test_batch_equals_singles(model, method, padding_side):
     spec = SPECS[model.config.model_type]
     vlmprune.patch(model, method=method, keep=0.25)
     batch = inputs_for(model, spec, padding_side=padding_side)
-    with LLMProbe(model) as probe, torch.no_grad():
+    with LLMProbe(model, at_cut=True) as probe, torch.no_grad():
         out_b = model(**batch).logits
-    kept_mask = probe.calls[0]["attention_mask"].bool()
+    kept_mask = valid_slots(probe.calls[0])
     gen_b = _gen(model, batch) if padding_side == "left" else None
     L = batch["input_ids"].shape[1]
     mask = batch["attention_mask"]
@@ -169,28 +171,26 @@ def test_unpatch_restores_everything(model, method):
 @pytest.mark.parametrize("family", sorted(MRoPE))
 @pytest.mark.parametrize("method", METHODS)
 def test_qwen_keeps_original_mrope_positions(family, method):
+    """Kept tokens carry original M-RoPE positions (a subset of their row's), and decoding continues exactly
+    like the unpatched model. (Exact positions per kept embedding: the next test; FastV: tests/test_fastv.py.)"""
     model = get_model(family)
     inputs = inputs_for(model)
     with LLMProbe(model) as ref_probe, torch.no_grad():
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    vlmprune.patch(model, method=method, keep=0.25)
-    try:
+    with vlmprune.patched(model, method=method, keep=0.25):
         with LLMProbe(model) as probe, torch.no_grad():
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        idx = model._vlmprune_state.record.idx
-        slot_valid = model._vlmprune_state.record.slot_valid
-    finally:
-        vlmprune.unpatch(model)
+        entry = model._vlmprune_state.method.prunes_at_entry
     ref_pos, pos = ref_probe.calls[0]["position_ids"], probe.calls[0]["position_ids"]
-    assert pos.shape[:-1] == ref_pos.shape[:-1] and pos.shape[-1] < ref_pos.shape[-1]
-    lead = ref_pos.shape[:-2]
-    expected = ref_pos.gather(-1, idx.expand(*lead, *idx.shape))
-    assert torch.equal(pos[..., slot_valid], expected[..., slot_valid])
-    # the kept slots hold the tokens whose positions they carry: every kept position is an original one of that row
-    for b in range(pos.shape[-2]):
-        orig = {tuple(c) for c in ref_pos[1:, b, :].T.tolist()}
-        got = {tuple(c) for c in pos[1:, b, slot_valid[b]].T.tolist()}
-        assert got <= orig
+    if entry:  # the pruned sequence is the LLM input
+        valid = valid_slots(probe.calls[0])
+        assert pos.shape[:-1] == ref_pos.shape[:-1] and pos.shape[-1] < ref_pos.shape[-1]
+        for b in range(pos.shape[-2]):
+            orig = {tuple(c) for c in ref_pos[1:, b, :].T.tolist()}
+            got = {tuple(c) for c in pos[1:, b, valid[b]].T.tolist()}
+            assert got <= orig and len(got) == int(valid[b].sum())
+    else:  # in-LLM pruning: the LLM input is the original one
+        assert torch.equal(pos, ref_pos)
     # decode steps continue from the original max position + 1, exactly like the unpatched model
     for step in (1, 2):
         assert torch.equal(probe.calls[step]["position_ids"], ref_probe.calls[step]["position_ids"])

@@ -34,6 +34,7 @@ from .errors import (
     UnsupportedVersionError,
     VlmpruneError,
 )
+from .methods.fastv import FastVConfig
 from .methods.hiprune import HiPruneConfig
 from .methods.pool import PoolConfig
 from .methods.random import RandomConfig
@@ -58,6 +59,7 @@ __all__ = [
     "PoolConfig",
     "HiPruneConfig",
     "VisionZipConfig",
+    "FastVConfig",
     "VlmpruneError",
     "UnknownMethodError",
     "UnsupportedModelError",

@@ -27,7 +27,7 @@ def _text_cfg(**over: Any) -> dict[str, Any]:
         vocab_size=_VOCAB,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=3,  # > FastV's default K=2
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

@@ -16,6 +16,7 @@ METHODS.register("uniform", "vlmprune.methods.uniform:UniformConfig")
 METHODS.register("pool", "vlmprune.methods.pool:PoolConfig")
 METHODS.register("hiprune", "vlmprune.methods.hiprune:HiPruneConfig")
 METHODS.register("visionzip", "vlmprune.methods.visionzip:VisionZipConfig")
+METHODS.register("fastv", "vlmprune.methods.fastv:FastVConfig")
 
 
 def register_method(name: str, config_cls: str | type, *, replace: bool = False) -> None:

@@ -88,6 +88,7 @@ class PatchContext(Protocol):
 
     model: nn.Module
     adapter: Any
+    lm: nn.Module  # the language model (``model.model.language_model``)
 
     def register(self, handle: Any) -> None:
         """Keep a hook handle (anything with ``.remove()``); it is removed when the model is unpatched."""
@@ -104,9 +105,18 @@ class Method:
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: False for methods that prune inside the LLM (FastV): the patch then leaves the LLM input whole and calls
+    #: :meth:`plan_prefill` with each image's positions and budget instead of :meth:`select`.
+    prunes_at_entry: ClassVar[bool] = True
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
+
+    def plan_prefill(self, plan: list[tuple[Any, int]], real: torch.Tensor, stats: list[dict[str, Any]]) -> None:
+        """In-LLM methods only: ``plan`` = ``(segment, budget)`` per image (``segment.row``,
+        ``segment.positions`` in sequence coordinates, ``segment.prefix`` always-kept leading tokens), ``real``
+        the ``(B, L)`` non-pad mask, ``stats`` the per-image dicts of :func:`vlmprune.last_stats` to complete."""
+        raise NotImplementedError
 
     def attach(self, ctx: PatchContext) -> None:
         """Called once when the model is patched; register any extra hooks through ``ctx`` (default: none)."""
