@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m eval bench-prefill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--keep", nargs="+", type=keep_arg, default=[0.25, 0.11])
-    p.add_argument("--methods", nargs="+", default=["hiprune", "visionzip"], help="methods timed beside uniform")
+    p.add_argument(
+        "--methods", nargs="+", default=["hiprune", "visionzip", "fastv"], help="methods timed beside uniform"
+    )
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--size", default="bench", choices=["tiny", "demo", "bench"])
     p.add_argument("--text-tokens", type=int, default=40)
@@ -118,8 +120,16 @@ def main(argv: list[str] | None = None) -> None:
         n_img = vlmprune.make_config("uniform", keep=k).budget(n_vision)
         llm, head, decode = stats.llm_flops(model.config.text_config, n_text + n_img)
         flops[f"@{k}"] = stats.FlopBreakdown(vision, projector, llm, head, decode).to_dict()
+        if "fastv" in a.methods:  # FastV: the first K LLM layers still see every token
+            K = vlmprune.make_config("fastv").layer
+            llm, head, decode = stats.llm_flops_in_llm_pruning(
+                model.config.text_config, n_text + n_vision, n_text + n_img, K
+            )
+            flops[f"fastv@{k}"] = stats.FlopBreakdown(vision, projector, llm, head, decode).to_dict()
     for k in a.keep:
         ratios[f"flops_bound_unpatched/@{k}"] = flops["@1.0"]["prefill"] / flops[f"@{k}"]["prefill"]
+        if f"fastv@{k}" in flops:
+            ratios[f"flops_bound_unpatched/fastv@{k}"] = flops["@1.0"]["prefill"] / flops[f"fastv@{k}"]["prefill"]
     n_params = sum(p.numel() for p in model.parameters())
     out = {
         "benchmark": "prefill",

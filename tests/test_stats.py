@@ -63,3 +63,18 @@ def test_decode_step_flops():
 def test_breakdown_totals():
     b = stats.FlopBreakdown(vision=1, projector=2, llm_prefill=3, lm_head=4, decode_per_token=5)
     assert b.prefill == 10 and b.to_dict()["prefill"] == 10
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_fastv_flops_count_full_cost_for_the_first_layers(family):
+    spec, _, _ = CASES[family]
+    model = get_model(family)
+    inputs = inputs_for(model, spec)
+    with vlmprune.patched(model, method="fastv", keep=0.25, layer=2):
+        counted = stats.count_flops(model, inputs, logits_to_keep=1)["llm_prefill"]
+        n_kept = vlmprune.last_stats(model)["seq_len_out"][0]
+    n = inputs["input_ids"].shape[1]
+    llm, _, _ = stats.llm_flops_in_llm_pruning(model.config.text_config, n, n_kept, 2)
+    # the ranking adds the last token's attention row in layer K-1 (+ its q/k projections): a small extra
+    assert llm <= counted <= llm * 1.05
+    assert llm < stats.llm_flops(model.config.text_config, n)[0]

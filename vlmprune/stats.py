@@ -29,7 +29,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["FlopBreakdown", "llm_layer_flops", "llm_flops", "vision_flops", "register_cpu_sdpa_flops", "count_flops"]
+__all__ = [
+    "FlopBreakdown",
+    "llm_layer_flops",
+    "llm_flops",
+    "llm_flops_in_llm_pruning",
+    "vision_flops",
+    "register_cpu_sdpa_flops",
+    "count_flops",
+]
 
 
 @dataclasses.dataclass
@@ -75,6 +83,23 @@ def llm_flops(cfg: Any, n_tokens: int, logits: int = 1, decode_context: int | No
     ctx = (decode_context if decode_context is not None else n_tokens) + 1
     decode = layers * llm_layer_flops(cfg, 1, ctx) + head
     return prefill, logits * head, decode
+
+
+def llm_flops_in_llm_pruning(
+    cfg: Any, n_tokens: int, n_kept: int, layer: int, logits: int = 1
+) -> tuple[float, float, float]:
+    """Like :func:`llm_flops` for a method that prunes inside the LLM (FastV): layers ``< layer`` process all
+    ``n_tokens``, the others ``n_kept``; the decode step attends to ``n_tokens`` keys in the first layers and to
+    ``n_kept`` in the rest."""
+    full = layer * llm_layer_flops(cfg, n_tokens, n_tokens)
+    rest = (cfg.num_hidden_layers - layer) * llm_layer_flops(cfg, n_kept, n_kept)
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size
+    decode = (
+        layer * llm_layer_flops(cfg, 1, n_tokens + 1)
+        + (cfg.num_hidden_layers - layer) * llm_layer_flops(cfg, 1, n_kept + 1)
+        + head
+    )
+    return full + rest, logits * head, decode
 
 
 def _clip_flops(vc: Any, n_images: int, vit_layers: int) -> float:
