@@ -605,7 +605,7 @@ class PatchState:
         tokens = sel.tokens
         if tokens is not None and seg.prefix:
             tokens = torch.cat([emb[seg.row, seg.positions[: seg.prefix]], tokens.to(emb.dtype)])
-        info["tokens_out"] = k + seg.prefix
+        info["tokens_out"] = int(sel.indices.numel()) + seg.prefix
         info["kept_indices"] = sel.indices.tolist()  # grid-relative (prefix excluded); merged: representatives
         if sel.info:
             info.update(sel.info)
@@ -613,7 +613,8 @@ class PatchState:
 
     def _validate(self, sel: Selection, n: int, k: int, emb: torch.Tensor) -> None:
         idx = sel.indices
-        ok = isinstance(idx, torch.Tensor) and idx.ndim == 1 and idx.numel() == k and not idx.is_floating_point()
+        count_ok = idx.numel() == k if self.method.exact_budget else 1 <= idx.numel() <= k
+        ok = isinstance(idx, torch.Tensor) and idx.ndim == 1 and count_ok and not idx.is_floating_point()
         if ok and k > 0:
             ok = int(idx[0]) >= 0 and int(idx[-1]) < n and bool((idx[1:] > idx[:-1]).all())
         if not ok:
@@ -621,7 +622,7 @@ class PatchState:
                 f"method {self.config.name!r} returned invalid indices (need {k} strictly increasing ints in "
                 f"[0, {n})): {idx!r}"
             )
-        if sel.tokens is not None and tuple(sel.tokens.shape) != (k, emb.shape[-1]):
+        if sel.tokens is not None and tuple(sel.tokens.shape) != (idx.numel(), emb.shape[-1]):
             raise RuntimeError(
                 f"method {self.config.name!r} returned tokens of shape {tuple(sel.tokens.shape)}, need ({k}, "
                 f"{emb.shape[-1]})"

@@ -40,6 +40,7 @@ from .methods.pool import PoolConfig
 from .methods.random import RandomConfig
 from .methods.uniform import UniformConfig
 from .methods.visionzip import VisionZipConfig
+from .methods.vqtoken import VQTokenConfig
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
     "HiPruneConfig",
     "VisionZipConfig",
     "FastVConfig",
+    "VQTokenConfig",
     "VlmpruneError",
     "UnknownMethodError",
     "UnsupportedModelError",

@@ -17,6 +17,7 @@ METHODS.register("pool", "vlmprune.methods.pool:PoolConfig")
 METHODS.register("hiprune", "vlmprune.methods.hiprune:HiPruneConfig")
 METHODS.register("visionzip", "vlmprune.methods.visionzip:VisionZipConfig")
 METHODS.register("fastv", "vlmprune.methods.fastv:FastVConfig")
+METHODS.register("vqtoken", "vlmprune.methods.vqtoken:VQTokenConfig")
 
 
 def register_method(name: str, config_cls: str | type, *, replace: bool = False) -> None:

@@ -111,6 +111,8 @@ class Method:
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
+        #: False when the method may return fewer tokens than the budget (an adaptive codebook size)
+        self.exact_budget = True
 
     def plan_prefill(self, plan: list[tuple[Any, int]], real: torch.Tensor, stats: list[dict[str, Any]]) -> None:
         """In-LLM methods only: ``plan`` = ``(segment, budget)`` per image (``segment.row``,
