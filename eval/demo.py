@@ -97,6 +97,8 @@ def run(methods: list[str], keeps: list[float | int], rounds: int, size: str, ou
             f"{r['speedup_vs_unpatched']:>9.2f}x{str(r['same_next_token']):>12}"
         )
     print("\n(random weights: 'same top-1' only shows how far the prediction moves; accuracy needs a trained model)")
+    if any(r["method"] == "fastv" for r in rows):
+        print("(fastv prunes after LLM layer 2: its LLM input is whole, the budget applies from layer 2 on)")
     if out:
         with open(out, "w") as f:
             json.dump({"machine": machine_info(), "rows": rows}, f, indent=1)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["uniform", "random", "pool", "hiprune", "visionzip"],
+        default=["uniform", "random", "pool", "hiprune", "visionzip", "fastv", "vqtoken"],
         choices=vlmprune.list_methods(),
     )
     p.add_argument("--keep", nargs="+", type=keep_arg, default=[0.25, 0.11])

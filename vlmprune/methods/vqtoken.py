@@ -38,33 +38,35 @@ __all__ = ["VQTokenConfig", "spherical_kmeans", "choose_k"]
 
 
 def _kmeanspp(xn: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ on unit vectors with cosine distance; a loop over the ``k`` centres, not over tokens."""
+    """k-means++ on unit vectors with cosine distance: a loop over the ``k`` centres (not over tokens), sampling
+    each centre with the Gumbel-max trick so nothing waits on the host; chosen tokens are never drawn again."""
     n = xn.shape[0]
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [first]
-    dist = (1 - xn @ xn[first]).clamp_min(0)
-    for _ in range(1, k):
-        w = dist.double().cpu()
-        if float(w.sum()) <= 0:  # all remaining tokens coincide with a centre: take unused ones in order
-            used = torch.zeros(n, dtype=torch.bool)
-            used[centres] = True
-            nxt = int((~used).nonzero()[0])
-        else:
-            nxt = int(torch.multinomial(w, 1, generator=gen))
-        centres.append(nxt)
+    u = torch.rand(k, n, generator=gen, dtype=torch.float64).clamp_min(1e-300)
+    gumbel = (-torch.log(-torch.log(u))).to(xn.device)
+    chosen = torch.empty(k, dtype=torch.long, device=xn.device)
+    used = torch.zeros(n, dtype=torch.bool, device=xn.device)
+    nxt = gumbel[0].argmax()  # the first centre: uniform
+    dist = torch.full((n,), float("inf"), device=xn.device)
+    for i in range(k):
+        if i:
+            w = torch.where(used, 0.0, dist.double() + 1e-12)  # D(x) weighting; duplicates stay drawable
+            nxt = (torch.log(w) + gumbel[i]).argmax()
+        chosen[i] = nxt
+        used[nxt] = True
         dist = torch.minimum(dist, (1 - xn @ xn[nxt]).clamp_min(0))
-    return torch.tensor(centres, device=xn.device)
+    return chosen
 
 
 def spherical_kmeans(
-    x: torch.Tensor, k: int, iters: int = 20, seed: int = 0
+    x: torch.Tensor, k: int, iters: int = 10, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Cosine k-means of ``x`` into exactly ``k`` non-empty clusters.
 
     Args:
         x: ``(N, D)`` tokens.
         k: clusters, ``1 <= k <= N``.
-        iters: Lloyd iterations after the k-means++ initialisation.
+        iters: at most this many Lloyd iterations after the k-means++ initialisation (stops when the assignment
+            no longer changes).
         seed: seeds the initialisation (same inputs and seed -> same result on every device).
 
     Returns:
@@ -78,15 +80,20 @@ def spherical_kmeans(
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
     seeds = _kmeanspp(xn, k, gen)
     centres = xn[seeds]
-    for _ in range(iters):
-        labels = (xn @ centres.T).argmax(-1)
-        labels[seeds] = torch.arange(k, device=x.device)  # keep every cluster non-empty (its seed stays)
-        sums = torch.zeros_like(centres).index_add_(0, labels, xn)
-        centres = F.normalize(sums, dim=-1)
-        seeds = ((xn @ centres.T) - 2 * (labels[:, None] != torch.arange(k, device=x.device))).argmax(0)
-    labels = (xn @ centres.T).argmax(-1)
-    labels[seeds] = torch.arange(k, device=x.device)
-    distortion = float((1 - (xn * centres[labels]).sum(-1)).clamp_min(0).sum())
+    ar = torch.arange(k, device=x.device)
+    labels = None
+    for _ in range(iters + 1):
+        sims = xn @ centres.T  # (N, k): the one product per iteration
+        new = sims.argmax(-1)
+        if labels is not None:  # each centre keeps the member of its cluster it is closest to ...
+            seeds = (sims - 2 * (labels[:, None] != ar)).argmax(0)
+        new[seeds] = ar  # ... so no cluster is ever empty (first pass: the k-means++ seeds)
+        if labels is not None and torch.equal(new, labels):
+            break  # converged
+        labels = new
+        centres = F.normalize(torch.zeros_like(centres).index_add_(0, labels, xn), dim=-1)
+    sims = (xn * centres[labels]).sum(-1)
+    distortion = float((1 - sims).clamp_min(0).sum())
     return labels, centres, distortion
 
 
@@ -117,7 +124,7 @@ class VQTokenConfig(PruneConfig):
     name = "vqtoken"
 
     code: str = "mean"
-    iters: int = 20
+    iters: int = 10
     adaptive: bool = False
     k_min: int = 12
     k_step: int = 4
