@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--keep", nargs="+", type=keep_arg, default=[0.25, 0.11])
     p.add_argument(
-        "--methods", nargs="+", default=["hiprune", "visionzip", "fastv"], help="methods timed beside uniform"
+        "--methods",
+        nargs="+",
+        default=["hiprune", "visionzip", "fastv", "vqtoken"],
+        help="methods timed beside uniform",
     )
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--size", default="bench", choices=["tiny", "demo", "bench"])
