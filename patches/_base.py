@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._ops import repad_index
 from .._versions import TESTED
 from ..config import PruneConfig
 from ..errors import (
@@ -690,15 +691,9 @@ class PatchState:
             emb = emb.clone()
             for row, pos, tokens in replace:
                 emb[row, pos] = tokens.to(emb.dtype)
-        Lp = int(n_keep.max())
         right_padded = am is not None and bool((~real[:, -1]).any()) and bool(real[:, 0].all())
-        if right_padded:  # kept tokens first, then pads, then dropped: take the first Lp
-            key = torch.where(keep, 0, torch.where(real, 2, 1))
-            idx = torch.sort(key, dim=-1, stable=True).indices[:, :Lp]
-        else:  # pads, then kept tokens (left re-padding); dropped first and cut off
-            key = torch.where(keep, 2, torch.where(real, 0, 1))
-            idx = torch.sort(key, dim=-1, stable=True).indices[:, L - Lp :]
-        slot_valid = keep.gather(1, idx)
+        idx, slot_valid = repad_index(keep, real, right=right_padded)
+        Lp = idx.shape[1]
         kwargs = dict(kwargs)
         kwargs["inputs_embeds"] = emb.gather(1, idx[..., None].expand(-1, -1, emb.shape[-1]))
         if am is not None or not bool(slot_valid.all()):

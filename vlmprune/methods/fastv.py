@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._ops import repad_index, top_indices
 from ..config import PruneConfig
 from ..errors import ConfigError, UnsupportedInputError, UnsupportedModelError
 from .base import Method
@@ -182,18 +183,16 @@ class FastVMethod(Method):
         for i, (seg, budget) in enumerate(plan):
             pos = seg.positions[seg.prefix :].to(h.device)
             keep[seg.row, pos] = False
-            top = torch.sort(score[seg.row, pos], descending=True, stable=True).indices[:budget].sort().values
+            top = top_indices(score[seg.row, pos], budget).sort().values
             keep[seg.row, pos[top]] = True
             stats[i]["kept_indices"] = top.tolist()
         if bool((keep == real).all()):
             return
-        n_keep = keep.sum(-1)
-        Lp = int(n_keep.max())
-        key = torch.where(keep, 2, torch.where(real, 0, 1))  # left re-padding, like the entry cut
-        idx = torch.sort(key, dim=-1, stable=True).indices[:, L - Lp :]
+        idx, slot_valid = repad_index(keep, real)  # left re-padding, like the entry cut
+        Lp = idx.shape[1]
         self.rec = {
             "idx": idx,
-            "slot_valid": keep.gather(1, idx),
+            "slot_valid": slot_valid,
             "L": L,
             "Lp": Lp,
             "seen": Lp,
@@ -210,7 +209,7 @@ class FastVMethod(Method):
                 return None
             if self.mode == "prefill":
                 if i == self.K:
-                    rec["pruned"] = self._prune_kwargs(args, kwargs)
+                    rec["pruned"] = self._prune_kwargs(kwargs)
                     hidden = self._gather(args[0] if args else kwargs["hidden_states"], rec["idx"], dim=1)
                     args = (hidden, *args[1:]) if args else args
                     if not args:
@@ -229,7 +228,7 @@ class FastVMethod(Method):
         view[dim - 1], view[dim] = idx.shape[0], idx.shape[1]
         return t.expand(*t.shape[: dim - 1], idx.shape[0], *t.shape[dim:]).gather(dim, idx.view(view).expand(shape))
 
-    def _prune_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+    def _prune_kwargs(self, kwargs: dict) -> dict[str, Any]:
         rec = self.rec
         idx, valid, Lp = rec["idx"], rec["slot_valid"], rec["Lp"]
         out: dict[str, Any] = {}

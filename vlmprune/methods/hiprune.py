@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .._ops import top_indices
 from ..config import PruneConfig
 from ..errors import ConfigError, UnsupportedInputError
 from .base import ImageTokens, Method, Selection
@@ -39,11 +40,6 @@ __all__ = ["HiPruneConfig", "hiprune_select", "buffer_cross", "PAPER_LAYERS"]
 
 # model_type -> (object layer, 1-based, in a tower of `depth` blocks, depth) from the official code
 PAPER_LAYERS: dict[str, tuple[int, int]] = {"llava": (9, 24), "qwen2_vl": (16, 32), "qwen2_5_vl": (16, 32)}
-
-
-def _top(score: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the ``n`` largest scores, ties to the lower index."""
-    return torch.sort(score, descending=True, stable=True).indices[:n]
 
 
 def buffer_cross(anchors: torch.Tensor, grid: tuple[int, int, int], mode: str = "flat") -> torch.Tensor:
@@ -100,15 +96,15 @@ def hiprune_select(
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
     n_anchor = round(k * alpha / 5)  # Python round: half to even, as the official code
-    anchors = _top(object_score, n_anchor)
+    anchors = top_indices(object_score, n_anchor)
     chosen = buffer_cross(anchors, grid, buffer)
     if chosen.numel() > k:  # only for tiny budgets with a large alpha: keep the best by object score
-        chosen = chosen[_top(object_score[chosen], k)]
+        chosen = chosen[top_indices(object_score[chosen], k)]
     taken = torch.zeros(n, dtype=torch.bool, device=object_score.device)
     taken[chosen] = True
     n_reg = k - int(chosen.numel())
     rest = (~taken).nonzero().squeeze(-1)
-    registers = rest[_top(deep_score[rest], n_reg)]
+    registers = rest[top_indices(deep_score[rest], n_reg)]
     return torch.cat([chosen, registers]).sort().values
 
 

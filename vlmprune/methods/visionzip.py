@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._ops import top_indices
 from ..config import PruneConfig
 from ..errors import ConfigError, UnsupportedInputError
 from .base import ImageTokens, Method, Selection
@@ -98,10 +99,6 @@ def merge_contextual(
     else:
         out = (acc[targets] + sums) / (counts + 1)[:, None]
     return out.to(hidden.dtype)
-
-
-def _top(score: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.sort(score, descending=True, stable=True).indices[:n]
 
 
 @dataclasses.dataclass
@@ -175,7 +172,7 @@ class VisionZipMethod(Method):
         use_cls = self.has_cls and cfg.feed_cls
         score = ex["cls_attention"] if self.has_cls else ex["received"]
         n_dom, n_ctx = visionzip_split(k, cfg.dominant_ratio, use_cls)
-        dominant = _top(score.to(dev), n_dom).sort().values
+        dominant = top_indices(score.to(dev), n_dom).sort().values
         rest = torch.ones(n, dtype=torch.bool, device=dev)
         rest[dominant] = False
         remaining = rest.nonzero().squeeze(-1)

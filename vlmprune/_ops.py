@@ -1,0 +1,37 @@
+"""Small tensor operations shared by the patch core and the methods."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["top_indices", "repad_index"]
+
+
+def top_indices(score: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` largest entries of the last dim of ``score``, best first, ties to the lower index
+    (a stable sort; ``torch.topk`` leaves tie order unspecified)."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :n]
+
+
+def repad_index(keep: torch.Tensor, real: torch.Tensor, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gather index per row that keeps the ``keep`` tokens in their original order, re-padded.
+
+    Args:
+        keep: ``(B, L)`` bool, tokens to keep (a subset of ``real``).
+        real: ``(B, L)`` bool, non-pad tokens.
+        right: pad on the right (kept tokens first) instead of the left.
+
+    Returns:
+        ``idx`` ``(B, L')`` with ``L' = max kept per row``, and ``slot_valid`` ``(B, L')`` bool (slot holds a kept
+        token). A stable sort does it: with left padding pads come first, then kept tokens, and the dropped ones
+        sort before both and are cut off; with keep == real and left padding ``idx`` is the identity.
+    """
+    L = keep.shape[1]
+    n = int(keep.sum(-1).max())
+    if right:
+        key = torch.where(keep, 0, torch.where(real, 2, 1))
+        idx = torch.sort(key, dim=-1, stable=True).indices[:, :n]
+    else:
+        key = torch.where(keep, 2, torch.where(real, 0, 1))
+        idx = torch.sort(key, dim=-1, stable=True).indices[:, L - n :]
+    return idx, keep.gather(1, idx)
