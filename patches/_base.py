@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._ops import repad_index
+from .._ops import cache_of, output_cache, repad_index
 from .._versions import TESTED
 from ..config import PruneConfig
 from ..errors import (
@@ -164,11 +164,6 @@ class _Prefill:
             f"tokens, so {original_cols} (original coordinates) or {clen + q} (pruned) were expected. Continuing a "
             "pruned cache with a longer prompt is not supported: start a new generate() call."
         )
-
-
-def _cache_of(kwargs: dict[str, Any]) -> Any:
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _cache_len(cache: Any) -> int:
@@ -468,7 +463,7 @@ class PatchState:
     def _make_cmfg_shadow(self, original: Any) -> Any:
         @functools.wraps(original)
         def create_masks_for_generate(*args: Any, **kwargs: Any) -> Any:
-            cache = _cache_of(kwargs)
+            cache = cache_of(kwargs)
             mask = kwargs.get("attention_mask")
             if cache is not None and (mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)):
                 if _cache_len(cache) == 0:
@@ -496,9 +491,7 @@ class PatchState:
     def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         rec = self.record
         if rec is not None and rec.cache_ref is None:
-            cache = getattr(output, "cache", None)
-            if cache is None:
-                cache = getattr(output, "past_key_values", None)
+            cache = output_cache(output)
             rec.cache_ref = weakref.ref(cache) if cache is not None else None
             if cache is None:
                 self.record = None
@@ -634,7 +627,7 @@ class PatchState:
         emb = kwargs.get("inputs_embeds")
         if emb is None:
             raise PatchBypassedError("the language model was called without inputs_embeds; cannot prune.")
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         clen = _cache_len(cache)
         if clen:
             raise UnsupportedInputError(
@@ -778,7 +771,7 @@ class PatchState:
 
     # ---- decode ----------------------------------------------------------------------------------------------
     def _decode(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         clen = _cache_len(cache)
         rec = self._record_for(cache)
         if rec is None or clen == 0:

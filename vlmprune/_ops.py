@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["top_indices", "repad_index"]
+__all__ = ["top_indices", "repad_index", "cache_of", "output_cache"]
 
 
 def top_indices(score: torch.Tensor, n: int) -> torch.Tensor:
@@ -35,3 +37,15 @@ def repad_index(keep: torch.Tensor, real: torch.Tensor, right: bool = False) -> 
         key = torch.where(keep, 2, torch.where(real, 0, 1))
         idx = torch.sort(key, dim=-1, stable=True).indices[:, L - n :]
     return idx, keep.gather(1, idx)
+
+
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward's kwargs (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``.cache`` from 5.24, ``.past_key_values`` before), or None."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

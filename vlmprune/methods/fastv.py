@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .._ops import repad_index, top_indices
+from .._ops import cache_of, output_cache, repad_index, top_indices
 from ..config import PruneConfig
 from ..errors import ConfigError, UnsupportedInputError, UnsupportedModelError
 from .base import Method
@@ -117,13 +117,8 @@ class FastVMethod(Method):
         self.plan = (plan, real, stats)
 
     # ---- per forward --------------------------------------------------------------------------------------
-    @staticmethod
-    def _cache(kwargs: dict) -> Any:
-        cache = kwargs.get("cache")
-        return cache if cache is not None else kwargs.get("past_key_values")
-
     def _lm_pre(self, mod: Any, args: tuple, kwargs: dict) -> None:
-        cache = self._cache(kwargs)
+        cache = cache_of(kwargs)
         if getattr(cache, "is_compileable", False):
             if getattr(self.model, "_cache", None) is cache:  # generate() keeps static caches for reuse: drop it,
                 del self.model._cache  # it was never filled and would break the next static generate()
@@ -149,7 +144,7 @@ class FastVMethod(Method):
         if self.mode == "prefill":
             self.plan = None
             if self.rec is not None:
-                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                cache = output_cache(out)
                 self.rec["cache"] = weakref.ref(cache) if cache is not None else None
         elif self.mode == "decode":
             self.rec["seen"] += self.rec["q"]
