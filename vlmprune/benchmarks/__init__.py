@@ -1,0 +1,114 @@
+"""Offline VQA benchmarks and the scoring used by the demo, the harness, the notebooks and the tests.
+
+* :mod:`vlmprune.benchmarks.shapes` — ShapesVQA, the project's deterministic synthetic benchmark.
+* :mod:`vlmprune.benchmarks.easyvqa` — the ``easy-vqa`` PyPI dataset (MIT) as rows of the same form.
+
+A *row* is a mapping with at least ``image`` (PIL), ``question``, ``answer`` and ``question_type``. Models are
+prompted through their processor's chat template (one user turn: the image, then the question), answers are
+generated greedily, and a prediction is correct when its first word equals the answer (case-insensitive).
+
+Nothing here is imported by ``import vlmprune``; it needs Pillow (and ``datasets`` for the ``Dataset`` helpers).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ._processors import load_processor
+
+__all__ = ["answer_questions", "first_word", "load_processor", "paired_difference", "prompt_inputs", "score"]
+
+
+def first_word(text: str) -> str:
+    """The first word of ``text``, lower-cased, without punctuation (``" Red, I think"`` -> ``"red"``)."""
+    m = re.search(r"[a-z0-9]+", text.lower())
+    return m.group(0) if m else ""
+
+
+def prompt_inputs(processor: Any, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Batch ``rows`` into model inputs: one user turn (image, question) with the generation prompt.
+
+    Uses the processor's chat template; the tokenizer pads on the left so generation continues every row.
+    """
+    texts = []
+    for r in rows:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        return processor(images=[r["image"] for r in rows], text=texts, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+
+
+@torch.inference_mode()
+def answer_questions(
+    model: torch.nn.Module,
+    processor: Any,
+    rows: Iterable[Any],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 3,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers of ``model`` to ``rows`` (decoded new text, special tokens removed), in order."""
+    rows = list(rows)
+    out: list[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc="answering", unit="q")
+    device = next(model.parameters()).device
+    pad = processor.tokenizer.pad_token_id
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        inputs = prompt_inputs(processor, chunk).to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        new = gen[:, inputs["input_ids"].shape[1] :]
+        out += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def score(predictions: Sequence[str], rows: Sequence[Any]) -> dict[str, Any]:
+    """Exact first-word accuracy overall and per ``question_type``; ``correct`` is the per-row 0/1 list."""
+    if len(predictions) != len(rows):
+        raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
+    correct = [int(first_word(p) == first_word(r["answer"])) for p, r in zip(predictions, rows, strict=True)]
+    per: dict[str, list[int]] = {}
+    for c, r in zip(correct, rows, strict=True):
+        per.setdefault(r["question_type"], []).append(c)
+    return {
+        "accuracy": sum(correct) / max(1, len(correct)),
+        "n": len(correct),
+        "per_type": {t: sum(v) / len(v) for t, v in sorted(per.items())},
+        "correct": correct,
+    }
+
+
+def paired_difference(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> dict[str, float]:
+    """Accuracy difference ``mean(a) - mean(b)`` of two 0/1 vectors over the *same* rows, with a paired CI.
+
+    The interval is the normal approximation on the per-row differences (``d_i = a_i - b_i``), which is what
+    makes two methods evaluated on one test set comparable at much tighter width than two independent CIs.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_difference needs two non-empty vectors over the same rows")
+    n = len(a)
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    half = z * math.sqrt(var / n)
+    return {"diff": mean, "low": mean - half, "high": mean + half, "n": n}
