@@ -1,4 +1,4 @@
-"""``python -m eval <command>``: demo | bench-prefill."""
+"""``python -m eval <command>``: demo | run | report | bench-prefill | train | card."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import sys
 COMMANDS = {
     "demo": "eval.demo:main",
     "bench-prefill": "eval.bench_prefill:main",
+    "train": "eval.train_tiny:main",
+    "card": "eval.card:main",
+    "run": "eval.run:main",
+    "report": "eval.report:main",
 }
 
 

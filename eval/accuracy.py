@@ -1,0 +1,149 @@
+"""Accuracy of a checkpoint on an offline benchmark, unpatched and under vlmprune settings.
+
+Shared by the demo, the model cards (``python -m eval card``) and the harness. A *setting* is ``None``
+(unpatched) or ``(method, keep)``; every setting answers the same rows, so accuracies can be compared pairwise
+(:func:`vlmprune.benchmarks.paired_difference`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vlmprune
+from vlmprune.benchmarks import answer_questions, first_word, score
+from vlmprune.benchmarks._processors import load_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "checkpoints"
+SHIPPED = {
+    "shapes-llava-tiny": "shapes",
+    "shapes-qwen2vl-tiny": "shapes",
+    "easyvqa-llava-tiny": "easyvqa",
+}
+
+
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"
+) -> tuple[torch.nn.Module, Any]:
+    """``(model, processor)`` from a local folder: the model class is picked by ``config.model_type``."""
+    import transformers as tf
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint folder")
+    cfg = tf.AutoConfig.from_pretrained(path)
+    classes = {
+        "llava": tf.LlavaForConditionalGeneration,
+        "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+    }
+    if cfg.model_type not in classes:
+        raise ValueError(f"{path}: model_type {cfg.model_type!r} is not one of {sorted(classes)}")
+    model = classes[cfg.model_type].from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
+    return model, load_processor(path)
+
+
+def benchmark_rows(name: str, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
+    """Rows of ``name`` (``shapes`` | ``easyvqa``): ShapesVQA's first ``n``; easy-VQA's evenly spaced ``n``."""
+    if name == "shapes":
+        from vlmprune.benchmarks import shapes
+
+        total = shapes.SPLIT_SIZES.get(split)
+        if n is None:
+            if total is None:
+                raise ValueError(f"split {split!r} has no fixed size: pass n")
+            n = total
+        if total is not None and n > total:
+            raise ValueError(f"the {split} split has {total} rows, asked for {n}")
+        return [shapes.sample(split, i) for i in range(n)]
+    if name == "easyvqa":
+        from vlmprune.benchmarks import easyvqa
+
+        return easyvqa.rows(split, n)
+    raise ValueError(f"unknown benchmark {name!r}; choose shapes or easyvqa")
+
+
+def priors(name: str, rows: list[dict[str, Any]], n_train: int = 5000) -> dict[str, Any]:
+    """Blind baselines from the training split: the majority answer per question type, and the majority
+    answer per exact question string (the best any image-blind model can do on these questions)."""
+    train = _train_questions(name, n_train)
+    by_type: dict[str, Counter] = {}
+    by_question: dict[str, Counter] = {}
+    for q, a, t in train:
+        by_type.setdefault(t, Counter())[a] += 1
+        by_question.setdefault(q, Counter())[a] += 1
+    type_pred = [by_type[r["question_type"]].most_common(1)[0][0] for r in rows]
+    q_pred = [(by_question.get(r["question"]) or by_type[r["question_type"]]).most_common(1)[0][0] for r in rows]
+    a, b = score(type_pred, rows), score(q_pred, rows)
+    return {
+        "majority_per_type": {k: a[k] for k in ("accuracy", "per_type")},
+        "majority_per_question": {k: b[k] for k in ("accuracy", "per_type")},
+        "train_questions": len(train),
+    }
+
+
+def _train_questions(name: str, n: int) -> list[tuple[str, str, str]]:
+    if name == "shapes":
+        from vlmprune.benchmarks import shapes
+
+        out = []
+        for i in range(n):
+            _, _, qs = shapes.scene_questions("train", i)
+            out += [(q["question"], q["answer"], q["question_type"]) for q in qs]
+        return out
+    from vlmprune.benchmarks import easyvqa
+
+    _, groups = easyvqa.grouped("train")
+    return [(q, a, easyvqa._qtype(q, a)) for g in groups for q, a in g]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    processor: Any,
+    rows: list[dict[str, Any]],
+    settings: list[tuple[str, float | int] | None],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One result per setting: accuracy overall / per type, the per-row 0/1 vector, vision tokens that reached
+    the LLM per image (from ``vlmprune.last_stats``; FastV reports its LLM-internal budget) and seconds."""
+    results = []
+    iterator: Any = settings
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(settings, desc="settings", unit="setting")
+    for setting in iterator:
+        t0 = time.perf_counter()
+        if setting is None:
+            preds = answer_questions(model, processor, rows, batch_size=batch_size)
+            tokens = None
+        else:
+            method, keep = setting
+            with vlmprune.patched(model, method=method, keep=keep):
+                preds, tokens = [], []
+                for i in range(0, len(rows), batch_size):
+                    chunk = rows[i : i + batch_size]
+                    preds += answer_questions(model, processor, chunk, batch_size=batch_size)
+                    st = vlmprune.last_stats(model)
+                    tokens += [im["tokens_out"] for im in st.get("images", [])]
+        res = score(preds, rows)
+        res.update(
+            setting="unpatched" if setting is None else f"{setting[0]}@{setting[1]}",
+            method=None if setting is None else setting[0],
+            keep=None if setting is None else setting[1],
+            vision_tokens_per_image=(sum(tokens) / len(tokens)) if tokens else None,
+            seconds=time.perf_counter() - t0,
+            examples=[
+                {"q": r["question"], "a": r["answer"], "pred": first_word(p)}
+                for r, p in zip(rows[:3], preds[:3], strict=True)
+            ],
+        )
+        results.append(res)
+    return results

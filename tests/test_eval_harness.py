@@ -1,0 +1,113 @@
+"""The eval harness CLI (``python -m eval run`` / ``report``), run as a user would, from the repository root."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("matplotlib")
+
+
+def _eval(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "timing:llava-70b"], "unknown timing model"),
+        (["--models", "no/such/folder"], "neither timing:<name> nor a checkpoint folder"),
+        (["--models", "timing:llava-tiny", "--methods", "hiprun"], "hiprune"),
+        (["--models", "timing:llava-tiny", "--keep", "1.5"], "keep"),
+        (["--models", "timing:llava-tiny", "--rounds", "0"], "rounds must be >= 1"),
+    ],
+)
+def test_bad_configs_fail_before_loading(tmp_path, args, message):
+    out = tmp_path / "r.jsonl"
+    proc = _eval("run", *args, "--out", str(out), check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_config_file_unknown_key(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"models": ["timing:llava-tiny"], "out": str(tmp_path / "r.jsonl"), "kepp": [0.5]}))
+    proc = _eval("run", "--config", str(cfg), check=False)
+    assert proc.returncode != 0 and "kepp" in proc.stderr + proc.stdout
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r.jsonl"
+    cfg = out.parent / "sweep.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "models": ["timing:llava-tiny", "timing:qwen2-vl-tiny"],
+                "methods": ["uniform", "hiprune", "fastv"],
+                "keep": [0.5],
+                "rounds": 1,
+                "warmup": 0,
+                "decode_tokens": 2,
+                "threads": 1,
+                "out": str(out),
+            }
+        )
+    )
+    first = _eval("run", "--config", str(cfg))
+    return out, cfg, first
+
+
+def test_rows_carry_the_promised_fields(results):
+    out, _, _ = results
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2 * 4  # unpatched + 3 methods, per model
+    for r in rows:
+        for key in ("config", "model", "dtype", "attn_implementation", "machine", "flops", "flops_counter",
+                    "ttft_ms_median", "ttft_ms_min", "cpu_per_wall", "decode_tokens_per_s", "kv_cache_bytes"):
+            assert key in r, key
+        assert r["machine"]["git_sha"] and r["machine"]["torch"] and r["machine"]["transformers"]
+        # the analytic formula equals torch's counter exactly for the plain cut; methods that compute extra
+        # attention scores (HiPrune's two ViT layers, FastV's layer K-1 ranking) cost a little more than the formula
+        if r["method"] in (None, "uniform"):
+            # (rel 1e-3: transformers 5.0's RoPE computes its angles with a matmul the counter sees, ~1e-4)
+            assert r["flops_analytic_over_counter"] == pytest.approx(1.0, rel=1e-3), r["method"]
+        else:
+            assert 0.8 < r["flops_analytic_over_counter"] <= 1.0 + 1e-9, r["method"]
+        if r["method"] is not None:
+            assert r["config"]["keep"] == 0.5 and r["vision_tokens_at_llm"] == r["vision_tokens_in"] // 2
+            assert r["flop_bound_speedup"] > 1.0
+        if r["method"] == "uniform":
+            assert r["ideal_ttft_ms_median"] > 0 and r["ideal_check_max_abs_diff"] < 1e-4
+    kv = {(r["model"], r["method"]): r["kv_cache_bytes"] for r in rows}
+    for model in ("timing:llava-tiny", "timing:qwen2-vl-tiny"):
+        assert kv[(model, "uniform")] < kv[(model, None)]  # the pruned prefill really caches fewer tokens
+
+
+def test_run_is_resumable(results):
+    out, cfg, _ = results
+    before = out.read_text()
+    again = _eval("run", "--config", str(cfg))
+    assert out.read_text() == before
+    assert again.stdout.count("already in") == 2
+
+
+def test_report_writes_tables_and_plots(results, tmp_path):
+    out, _, _ = results
+    _eval("report", str(out), "--out-dir", str(tmp_path))
+    md = (tmp_path / "r.md").read_text()
+    for m in ("unpatched", "uniform", "hiprune", "fastv"):
+        assert m in md
+    assert (tmp_path / "r.csv").read_text().count("\n") == 1 + 8
+    png = tmp_path / "r_speedup.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
