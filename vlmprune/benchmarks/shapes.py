@@ -36,8 +36,9 @@ a circle; the shipped checkpoints learn the convention).
 Everything is a pure function of ``(split, index)``: ``sample(split, i)`` seeds a numpy generator with
 ``(SPLIT_SEEDS[split], i)``, so any image can be regenerated alone, and splits never share a generator stream.
 With the same numpy and Pillow the same call gives byte-identical images on any machine (numpy's
-``default_rng`` streams and Pillow's rasteriser may change between their releases: a test pins the scenes). The fixed splits: ``train`` (an endless stream, the training scripts draw from it),
-``val`` and ``test`` (1,000 questions each, the question types in turn).
+``default_rng`` streams and Pillow's rasteriser may change between their releases: a test pins the scenes).
+The fixed splits: ``train`` (an endless stream, the training scripts draw from it), ``val`` and ``test``
+(1,000 questions each, the question types in turn).
 
 Needs Pillow (and ``datasets`` for :func:`build_dataset`), both in the ``eval`` extra.
 """
