@@ -218,3 +218,19 @@ def save_processor(processor: Any, out_dir: str | Path) -> None:
             "do_convert_rgb": True,
         }
         (out_dir / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+
+
+def legacy_vision_keys(out_dir: str | Path) -> None:
+    """Store a LLaVA checkpoint's CLIP weights as ``vision_tower.vision_model.*``, the hub layout every tested
+    transformers release reads: recent releases save them flattened (``vision_tower.embeddings...``), which 5.0
+    silently fails to map (it would leave the tower randomly initialised)."""
+    from safetensors.torch import load_file, save_file
+
+    f = Path(out_dir) / "model.safetensors"
+    sd = load_file(f)
+    prefix, legacy = "vision_tower.", "vision_tower.vision_model."
+    out = {
+        (legacy + k[len(prefix) :] if k.startswith(prefix) and not k.startswith(legacy) else k): v
+        for k, v in sd.items()
+    }
+    save_file(out, f, metadata={"format": "pt"})

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .tiny_vlm import build_model, build_processor, build_tokenizer, save_processor
+from .tiny_vlm import build_model, build_processor, build_tokenizer, legacy_vision_keys, save_processor
 
 ARCH = {
     # LLaVA: 128 px / patch 8 -> 16x16 = 256 vision tokens (+ CLS in the tower, dropped by "default" select)
@@ -299,6 +299,8 @@ def train(args: argparse.Namespace) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.save_dtype]
     model.to("cpu", save_dtype).save_pretrained(out_dir)
+    if args.family == "llava":
+        legacy_vision_keys(out_dir)
     save_processor(processor, out_dir)
     prev = {}
     if args.init and (Path(args.init) / "training.json").is_file():

@@ -61,8 +61,11 @@ def _load(name: str):
         cls, _ = SHIPPED[name]
         path = ROOT / name
         assert (path / "config.json").is_file(), f"shipped checkpoint {path} is missing"
-        model = cls.from_pretrained(path, dtype=torch.float32).eval()
-        _cache[name] = (model, load_processor(path))
+        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        # every weight must come from the file on every tested release (5.0 once silently re-initialised a
+        # vision tower whose keys it could not map)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        _cache[name] = (model.eval(), load_processor(path))
     return _cache[name]
 
 
