@@ -94,7 +94,8 @@ def plots(rows: list[dict[str, Any]], stem: Path) -> list[Path]:
         ] + specs
     for kind, xl, yl in specs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for model in models:
+        for mi, model in enumerate(models):  # colour = method, line style and marker = model
+            style = ["-o", "--s", ":^", "-.D"][mi % 4]
             mrows = [r for r in rows if r["model"] == model]
             tag = Path(model).name if len(models) > 1 else ""
             base = next((r for r in mrows if r["method"] is None), None)
@@ -110,7 +111,8 @@ def plots(rows: list[dict[str, Any]], stem: Path) -> list[Path]:
                     xy = sorted((r["ttft_ms_median"], 100 * r["accuracy"]) for r in pts)
                 else:
                     xy = sorted((r["vision_tokens_at_llm"], r["speedup_vs_unpatched"]) for r in pts)
-                ax.plot(*zip(*xy, strict=True), marker="o", label=f"{meth} {tag}".strip())
+                color = f"C{methods.index(meth) % 10}"
+                ax.plot(*zip(*xy, strict=True), style, color=color, label=f"{meth} {tag}".strip())
             if kind == "speedup":
                 bound = sorted(
                     {(r["vision_tokens_at_llm"], r["flop_bound_speedup"]) for r in mrows if r["method"] != "fastv"}
@@ -118,7 +120,13 @@ def plots(rows: list[dict[str, Any]], stem: Path) -> list[Path]:
                 ax.plot(*zip(*bound, strict=True), "k--", lw=1, label=f"FLOP bound {tag}".strip())
             elif base is not None and base.get("accuracy") is not None:
                 x = base["gflops"] if kind == "acc_flops" else base["ttft_ms_median"]
-                ax.plot([x], [100 * base["accuracy"]], "k*", ms=12, label=f"unpatched {tag}".strip())
+                ax.plot(
+                    [x],
+                    [100 * base["accuracy"]],
+                    "k" + ["*", "P", "X", "h"][mi % 4],
+                    ms=12,
+                    label=f"unpatched {tag}".strip(),
+                )
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)

@@ -200,7 +200,10 @@ class RunConfig:
                     raise ValueError(f"{m} was trained on {data!r}: evaluate it with --benchmark {data} (or none)")
         for meth in self.methods:
             for k in self.keep:
-                vlmprune.make_config(meth, keep=k)  # ConfigError (a ValueError) names the problem
+                mcfg = vlmprune.make_config(meth, keep=k)  # ConfigError (a ValueError) names the problem
+                layer = getattr(mcfg, "layer", None) if meth == "fastv" else None
+                if layer is not None and self.llm_layers is not None and self.llm_layers <= layer:
+                    raise ValueError(f"fastv prunes after LLM layer {layer}: --llm-layers must be > {layer}")
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"benchmark {self.benchmark!r} is not one of {BENCHMARKS}")
         if self.dtype not in DTYPES:

@@ -30,6 +30,7 @@ def _eval(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         (["--models", "timing:llava-tiny", "--methods", "hiprun"], "hiprune"),
         (["--models", "timing:llava-tiny", "--keep", "1.5"], "keep"),
         (["--models", "timing:llava-tiny", "--rounds", "0"], "rounds must be >= 1"),
+        (["--models", "timing:llava-1.5-7b", "--llm-layers", "2", "--methods", "fastv"], "--llm-layers must be > 2"),
     ],
 )
 def test_bad_configs_fail_before_loading(tmp_path, args, message):
