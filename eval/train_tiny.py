@@ -33,29 +33,14 @@ import torch
 
 from .tiny_vlm import build_model, build_processor, build_tokenizer, legacy_vision_keys, save_processor
 
+# ShapesVQA: 128 px / patch 8 -> 16x16 patches; LLaVA feeds all 256 to the LLM (+ CLS in the tower, dropped by
+# "default" select), Qwen2-VL merges 2x2 -> 64 tokens and adds M-RoPE in the LLM. Same widths for both.
+_SHAPES_ARCH = dict(
+    image_size=128, patch_size=8, vit_hidden=128, vit_layers=4, vit_heads=4, llm_hidden=128, llm_layers=4, llm_heads=4
+)
 ARCH = {
-    # LLaVA: 128 px / patch 8 -> 16x16 = 256 vision tokens (+ CLS in the tower, dropped by "default" select)
-    ("llava", "shapes"): dict(
-        image_size=128,
-        patch_size=8,
-        vit_hidden=128,
-        vit_layers=4,
-        vit_heads=4,
-        llm_hidden=128,
-        llm_layers=4,
-        llm_heads=4,
-    ),
-    # Qwen2-VL: 128 px / patch 8 -> 16x16 patches -> 2x2 merge -> 64 tokens, M-RoPE in the LLM
-    ("qwen2_vl", "shapes"): dict(
-        image_size=128,
-        patch_size=8,
-        vit_hidden=128,
-        vit_layers=4,
-        vit_heads=4,
-        llm_hidden=128,
-        llm_layers=4,
-        llm_heads=4,
-    ),
+    ("llava", "shapes"): _SHAPES_ARCH,
+    ("qwen2_vl", "shapes"): _SHAPES_ARCH,
     # easy-VQA's images are 64 px: patch 4 keeps 256 vision tokens
     ("llava", "easyvqa"): dict(
         image_size=64,
