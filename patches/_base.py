@@ -90,6 +90,27 @@ class Segment:
 
 
 @dataclasses.dataclass
+class PrefillView:
+    """The whole, unpruned LLM input of a prefill with images, shown to :meth:`Method.observe_prefill`.
+
+    Attributes:
+        embeds: ``(B, L, D)`` ``inputs_embeds`` with the vision tokens merged in.
+        real: ``(B, L)`` bool, non-pad tokens.
+        segments: every image / video in the batch, with its positions and extras.
+        position_ids: the positions the model passed (``(B, L)``, or ``(3|4, B, L)`` for M-RoPE), or ``None``.
+        right_padded: whether the batch is padded on the right.
+        mrope: whether positions are multi-axis (Qwen-VL).
+    """
+
+    embeds: torch.Tensor
+    real: torch.Tensor
+    segments: list[Segment]
+    position_ids: torch.Tensor | None
+    right_padded: bool
+    mrope: bool
+
+
+@dataclasses.dataclass
 class VisionItem:
     """What an adapter knows about one image of the current call, in the model's global image order."""
 
@@ -238,6 +259,8 @@ class PatchState:
         self.adapter = adapter
         self.config = config
         self.method = method
+        # the config that decides budgets and positions: the method's own, or (DAMRO) its main-branch pruning's
+        self.prune_config: PruneConfig = getattr(method, "prune_config", config)
         self.vlm, self.lm = adapter.locate(model)
         missing = set(method.requires) - set(adapter.provides)
         if missing:
@@ -246,7 +269,7 @@ class PatchState:
                 f"cannot provide (it provides {sorted(adapter.provides) or 'nothing extra'}). Use a method that "
                 "needs no vision-tower signal on this model (e.g. uniform, pool, random)."
             )
-        mode = config.position_mode
+        mode = self.prune_config.position_mode
         if adapter.mrope:
             if mode == "contiguous":
                 raise ConfigError(
@@ -266,6 +289,8 @@ class PatchState:
         self._encoded: dict[int, tuple[Any, VisionItem]] = {}
         self._cropped: Any = None
         self._labels_given = False
+        #: True while a method runs the language model for itself (DAMRO's contrastive branch): hooks stand aside
+        self.passthrough = False
         self._vlm_sig = inspect.signature(self.vlm.forward)
         self._top_sig = inspect.signature(model.forward)
 
@@ -489,6 +514,8 @@ class PatchState:
         return rec
 
     def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.passthrough:
+            return
         rec = self.record
         if rec is not None and rec.cache_ref is None:
             cache = output_cache(output)
@@ -542,6 +569,8 @@ class PatchState:
         self._cropped = None
 
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.passthrough:
+            return None
         call = self.call
         if call is not None and (call.image_mask is not None or call.video_mask is not None):
             call.prefill_done = True
@@ -587,7 +616,7 @@ class PatchState:
         """Run the method on one segment; return kept positions (sequence coordinates) and replacement rows."""
         grid_pos = seg.positions[seg.prefix :]
         n = int(grid_pos.numel())
-        k = self.config.budget(n)
+        k = self.prune_config.budget(n)
         info: dict[str, Any] = {"row": seg.row, "kind": seg.kind, "grid": list(seg.grid), "tokens_in": n + seg.prefix}
         if k >= n:
             info["tokens_out"] = n + seg.prefix
@@ -655,11 +684,16 @@ class PatchState:
         keep = real.clone()
         for m in vis.values():
             keep &= ~m
+        segments = self._segments(call, vis)
+        right_padded = am is not None and bool((~real[:, -1]).any()) and bool(real[:, 0].all())
+        self.method.observe_prefill(
+            PrefillView(emb, real, segments, kwargs.get("position_ids"), right_padded, self.adapter.mrope)
+        )
         if not self.method.prunes_at_entry:
-            return self._plan_in_llm(call, vis, real, t0)
+            return self._plan_in_llm(segments, real, t0)
         replace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         per_image = []
-        for seg in self._segments(call, vis):
+        for seg in segments:
             kept, tokens, info = self._select(seg, emb)
             keep[seg.row, kept] = True
             if tokens is not None:
@@ -684,7 +718,6 @@ class PatchState:
             emb = emb.clone()
             for row, pos, tokens in replace:
                 emb[row, pos] = tokens.to(emb.dtype)
-        right_padded = am is not None and bool((~real[:, -1]).any()) and bool(real[:, 0].all())
         idx, slot_valid = repad_index(keep, real, right=right_padded)
         Lp = idx.shape[1]
         kwargs = dict(kwargs)
@@ -716,14 +749,14 @@ class PatchState:
         self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous, next_pos, last_dropped, seen=Lp)
         return args, kwargs
 
-    def _plan_in_llm(self, call: _Call, vis: dict[str, torch.Tensor], real: torch.Tensor, t0: float) -> None:
+    def _plan_in_llm(self, segments: list[Segment], real: torch.Tensor, t0: float) -> None:
         """Methods that prune inside the LLM (FastV): the LLM input stays whole; hand the method each image's
         positions and budget, which it applies at its own layer (see ``Method.plan_prefill``)."""
         plan, per_image = [], []
         n_drop = torch.zeros(real.shape[0], dtype=torch.long, device=real.device)
-        for seg in self._segments(call, vis):
+        for seg in segments:
             n = int(seg.positions.numel()) - seg.prefix
-            k = self.config.budget(n)
+            k = self.prune_config.budget(n)
             plan.append((seg, k))
             n_drop[seg.row] += n - k
             per_image.append(
@@ -758,7 +791,7 @@ class PatchState:
     def _write_stats(self, per_image: list[dict], n_real: torch.Tensor, n_keep: torch.Tensor, dt: float) -> None:
         self.stats = {
             "method": self.config.name,
-            "keep": self.config.keep,
+            "keep": self.prune_config.keep,
             "model_type": self.model.config.model_type,
             "position_mode": self.position_mode,
             "images": per_image,

@@ -19,7 +19,7 @@ from torch import nn
 from ..attention import received_attention
 from ..errors import PatchBypassedError
 
-__all__ = ["AttentionProbe", "ClipAttentionProbe", "QwenAttentionProbe"]
+__all__ = ["AttentionProbe", "ClipAttentionProbe", "QwenAttentionProbe", "ClipLayerCapture", "ClipClsProbe"]
 
 
 class AttentionProbe:
@@ -221,5 +221,39 @@ class ClipLayerCapture(AttentionProbe):
                 self.scores[self.layer].append(
                     {"cls_attention": cls_attn[b], "keys": keys[b, 1:], "hidden": hidden[b]}
                 )
+
+        return hook
+
+
+class ClipClsProbe(AttentionProbe):
+    """One CLIP block, per image: the CLS token's attention to every patch, as DAMRO scores it
+    (:func:`vlmprune.methods.damro.cls_attention_scores`), from the block's own ``q_proj`` / ``k_proj`` outputs.
+    Only the CLS query row is computed."""
+
+    def __init__(self, model: nn.Module, layer: int, n_grid: int, mode: str) -> None:
+        super().__init__(model, [layer])
+        self.layer, self.n_grid, self.mode = layer, n_grid, mode
+
+    def install(self, ctx: Any) -> None:
+        tower = self.model.model.vision_tower
+        attn = getattr(tower, "vision_model", tower).encoder.layers[self.layer].self_attn
+        captured: dict[str, torch.Tensor] = {}
+        ctx.register(attn.q_proj.register_forward_hook(ClipAttentionProbe._keep(captured, "q")))
+        ctx.register(attn.k_proj.register_forward_hook(ClipAttentionProbe._keep(captured, "k")))
+        ctx.register(attn.register_forward_hook(self._score(captured)))
+
+    def _score(self, captured: dict) -> Any:
+        from ..methods.damro import cls_attention_scores
+
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            q, k = captured.pop("q"), captured.pop("k")
+            if k.shape[1] != self.n_grid + 1:
+                raise PatchBypassedError(
+                    f"DAMRO's CLS score needs a CLS token; vision layer {self.layer} has {k.shape[1]} tokens for a "
+                    f"{self.n_grid}-patch grid. Use score='norm'."
+                )
+            with torch.no_grad():
+                s = cls_attention_scores(q[:, 0], k, mod.num_heads, self.mode)  # (B, N)
+            self.scores[self.layer].extend(s.unbind(0))
 
         return hook

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._base import Adapter, VisionItem, _Call, content_key
-from ._probes import ClipAttentionProbe, ClipLayerCapture
+from ._probes import ClipAttentionProbe, ClipClsProbe, ClipLayerCapture
 
 __all__ = ["LlavaAdapter"]
 
@@ -43,6 +43,12 @@ class LlavaAdapter(Adapter):
         vc = model.config.vision_config
         side = int(vc.image_size) // int(vc.patch_size)
         return ClipLayerCapture(model, layer, side * side)
+
+    def cls_probe(self, model: nn.Module, layer: int, mode: str) -> ClipClsProbe:
+        """DAMRO's CLS-to-patch attention of one block, per image."""
+        vc = model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        return ClipClsProbe(model, layer, side * side, mode)
 
     def project(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Vision hidden states ``(..., D_vision)`` -> LLM tokens ``(..., D_text)`` (LLaVA's projector)."""

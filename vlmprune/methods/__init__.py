@@ -18,6 +18,7 @@ METHODS.register("hiprune", "vlmprune.methods.hiprune:HiPruneConfig")
 METHODS.register("visionzip", "vlmprune.methods.visionzip:VisionZipConfig")
 METHODS.register("fastv", "vlmprune.methods.fastv:FastVConfig")
 METHODS.register("vqtoken", "vlmprune.methods.vqtoken:VQTokenConfig")
+METHODS.register("damro", "vlmprune.methods.damro:DamroConfig")
 
 
 def register_method(name: str, config_cls: str | type, *, replace: bool = False) -> None:

@@ -96,6 +96,10 @@ class PatchContext(Protocol):
     def shadow(self, obj: Any, name: str, fn: Any) -> None:
         """Set ``obj.name = fn`` on the instance; deleted again when the model is unpatched."""
 
+    #: True while a method runs the language model for itself (DAMRO's second branch); every hook a method
+    #: registers on the language model must then do nothing.
+    passthrough: bool
+
 
 class Method:
     """Base class of method objects (built from a config by ``config.build()``).
@@ -119,6 +123,11 @@ class Method:
         ``segment.positions`` in sequence coordinates, ``segment.prefix`` always-kept leading tokens), ``real``
         the ``(B, L)`` non-pad mask, ``stats`` the per-image dicts of :func:`vlmprune.last_stats` to complete."""
         raise NotImplementedError
+
+    def observe_prefill(self, view: Any) -> None:
+        """Called in every prefill with images, before any pruning, with the whole LLM input (a
+        ``vlmprune.patches._base.PrefillView``: embeddings, non-pad mask, image segments with their extras,
+        positions). Decoding methods (DAMRO) build their second branch from it; default: nothing."""
 
     def attach(self, ctx: PatchContext) -> None:
         """Called once when the model is patched; register any extra hooks through ``ctx`` (default: none)."""

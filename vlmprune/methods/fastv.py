@@ -100,7 +100,7 @@ class FastVMethod(Method):
                 f"FastV in vlmprune runs with SDPA or eager LLM attention (got {impl!r}); flash-attention-2 is not "
                 "tested yet. Load the model with attn_implementation='sdpa'."
             )
-        self.model, self.lm, self.K, self.impl = ctx.model, lm, K, impl
+        self.model, self.lm, self.K, self.impl, self.ctx = ctx.model, lm, K, impl, ctx
         self.plan: Any = None
         self.rec: dict[str, Any] | None = None
         self.mode: str | None = None
@@ -111,13 +111,15 @@ class FastVMethod(Method):
             ctx.register(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
 
     def detach(self) -> None:
-        self.plan = self.rec = self.lm = self.model = None
+        self.plan = self.rec = self.lm = self.model = self.ctx = None
 
     def plan_prefill(self, plan: list[tuple[Any, int]], real: torch.Tensor, stats: list[dict[str, Any]]) -> None:
         self.plan = (plan, real, stats)
 
     # ---- per forward --------------------------------------------------------------------------------------
     def _lm_pre(self, mod: Any, args: tuple, kwargs: dict) -> None:
+        if self.ctx.passthrough:  # another branch (DAMRO's) runs the LLM; the layer hooks see mode None
+            return
         cache = cache_of(kwargs)
         if getattr(cache, "is_compileable", False):
             if getattr(self.model, "_cache", None) is cache:  # generate() keeps static caches for reuse: drop it,
@@ -141,6 +143,8 @@ class FastVMethod(Method):
             self.mode, self.rec = None, None
 
     def _lm_post(self, mod: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        if self.ctx.passthrough:
+            return
         if self.mode == "prefill":
             self.plan = None
             if self.rec is not None:
