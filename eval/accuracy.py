@@ -1,7 +1,8 @@
 """Accuracy of a checkpoint on an offline benchmark, unpatched and under vlmprune settings.
 
 Shared by the demo, the model cards (``python -m eval card``) and the harness. A *setting* is ``None``
-(unpatched) or ``(method, keep)``; every setting answers the same rows, so accuracies can be compared pairwise
+(unpatched) or ``(method, keep)`` (:func:`setting_config`: ``"damro+hiprune"`` = DAMRO on top of HiPrune); every
+setting answers the same rows, so accuracies can be compared pairwise
 (:func:`vlmprune.benchmarks.paired_difference`).
 """
 
@@ -25,6 +26,25 @@ SHIPPED = {
     "shapes-qwen2vl-tiny": "shapes",
     "easyvqa-llava-tiny": "easyvqa",
 }
+
+
+def setting_config(method: str, keep: float | int) -> vlmprune.PruneConfig:
+    """The config of one harness setting. ``method`` is a method name, ``"damro"`` (DAMRO on the whole image:
+    ``keep`` must be 1.0) or ``"damro+NAME"`` (DAMRO's contrast on top of method NAME at ``keep``)."""
+    if method.startswith("damro+"):
+        return vlmprune.make_config("damro", prune=method[6:], keep=keep)
+    return vlmprune.make_config(method, keep=keep)
+
+
+def expand_settings(methods: list[str], keeps: list[float | int]) -> list[tuple[str, float | int]]:
+    """``(method, keep)`` pairs of a sweep: every method at every keep, except ``"damro"`` alone (no pruning),
+    which runs once at ``keep=1.0``."""
+    out: list[tuple[str, float | int]] = []
+    for m in methods:
+        for k in [1.0] if m == "damro" else keeps:
+            if (m, k) not in out:
+                out.append((m, k))
+    return out
 
 
 def load_checkpoint(
@@ -61,11 +81,19 @@ def benchmark_rows(name: str, split: str = "test", n: int | None = None) -> list
         if total is not None and n > total:
             raise ValueError(f"the {split} split has {total} rows, asked for {n}")
         return [shapes.sample(split, i) for i in range(n)]
+    if name == "shapes-pope":  # the existence question of every scene: POPE-style yes/no
+        from vlmprune.benchmarks import shapes
+
+        total = shapes.SPLIT_SIZES[split]
+        n = total if n is None else n
+        if n > total:
+            raise ValueError(f"the {split} split has {total} scenes, asked for {n}")
+        return [shapes.pope_sample(split, i) for i in range(n)]
     if name == "easyvqa":
         from vlmprune.benchmarks import easyvqa
 
         return easyvqa.rows(split, n)
-    raise ValueError(f"unknown benchmark {name!r}; choose shapes or easyvqa")
+    raise ValueError(f"unknown benchmark {name!r}; choose shapes, shapes-pope or easyvqa")
 
 
 def priors(name: str, rows: list[dict[str, Any]], n_train: int = 5000) -> dict[str, Any]:
@@ -126,7 +154,7 @@ def evaluate(
             tokens = None
         else:
             method, keep = setting
-            with vlmprune.patched(model, method=method, keep=keep):
+            with vlmprune.patched(model, setting_config(method, keep)):
                 preds, tokens = [], []
                 for i in range(0, len(rows), batch_size):
                     chunk = rows[i : i + batch_size]

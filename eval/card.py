@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (one of checkpoints/*)")
     p.add_argument("--benchmark", choices=["shapes", "easyvqa"], help="default: from the checkpoint's name")
     p.add_argument("--n", type=int, help="test rows (default: the whole split)")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=vlmprune.list_methods())
+    p.add_argument(
+        "--methods", nargs="+", default=DEFAULT_METHODS, choices=[m for m in vlmprune.list_methods() if m != "damro"]
+    )
     p.add_argument("--keep", nargs="+", type=float, default=[0.25, 0.11])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = p.parse_args(argv)

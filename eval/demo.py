@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         "--methods",
         nargs="+",
         default=["random", "uniform", "hiprune", "visionzip", "vqtoken"],
-        choices=vlmprune.list_methods(),
+        choices=[m for m in vlmprune.list_methods() if m != "damro"],
+        help="token-reduction methods (DAMRO changes decoding, not the prefill: see `python -m eval run`)",
     )
     p.add_argument("--keep", nargs="+", type=keep_arg, default=[0.25, 0.11])
     p.add_argument("--n", type=int, default=200, help="test questions per setting (default: %(default)s)")

@@ -76,6 +76,52 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+POPE_COLUMNS = [
+    ("model", "model"),
+    ("method", "method"),
+    ("keep", "keep"),
+    ("POPE acc %", "accuracy"),
+    ("precision %", "precision"),
+    ("recall %", "recall"),
+    ("F1 %", "f1"),
+    ("yes %", "yes_ratio"),
+    ("adversarial acc %", "adversarial"),
+    ("popular acc %", "popular"),
+    ("random acc %", "random"),
+    ("n", "n"),
+    ("prefill GFLOPs", "gflops"),
+    ("decode GFLOPs/token", "decode_gflops"),
+    ("TTFT ms (median)", "ttft_ms_median"),
+    ("decode tok/s", "decode_tokens_per_s"),
+]
+
+
+def pope_table(rows: list[dict[str, Any]]) -> str | None:
+    """POPE metrics of the rows' existence questions (``None`` when no row has them), with the cost beside."""
+    rows = [r for r in rows if r.get("pope")]
+    if not rows:
+        return None
+    pct = {"accuracy", "precision", "recall", "f1", "yes_ratio", "adversarial", "popular", "random"}
+    lines = ["| " + " | ".join(c for c, _ in POPE_COLUMNS) + " |", "|" + "---|" * len(POPE_COLUMNS)]
+    for r in rows:
+        p = dict(r["pope"])
+        for sub, m in p.pop("per_subtype", {}).items():
+            p[sub] = m["accuracy"]
+        cells = []
+        for _, k in POPE_COLUMNS:
+            if k == "method":
+                v = r["method"] or "unpatched"
+            elif k in ("model", "keep", "gflops", "ttft_ms_median", "decode_tokens_per_s"):
+                v = r.get(k)
+            elif k == "decode_gflops":
+                v = r["flops"]["decode_per_token"] / 1e9
+            else:
+                v = p.get(k)
+            cells.append("—" if v is None else f"{100 * v:.1f}" if k in pct else _fmt(k, v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plots(rows: list[dict[str, Any]], stem: Path) -> list[Path]:
     import matplotlib
 
@@ -147,6 +193,9 @@ def report(path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     stem = out / path.stem
     md = table(rows)
+    pope = pope_table(rows)
+    if pope:
+        md += '\n\n## POPE-style metrics (existence questions; "yes" = positive)\n\n' + pope
     stem.with_suffix(".md").write_text(f"# {path.name}\n\n{md}\n")
     with stem.with_suffix(".csv").open("w", newline="") as f:
         w = csv.writer(f)

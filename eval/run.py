@@ -5,6 +5,10 @@
     python -m eval run --models timing:llava-1.5-7b --llm-layers 2 --vit-layers 6 --out eval/results/timing.jsonl
     python -m eval run --config my_sweep.json          # the same keys as the flags (JSON)
 
+``--methods`` takes method names and ``damro+NAME`` (DAMRO's contrastive decoding on top of method NAME at each
+keep); ``damro`` alone runs once, at keep 1.0. ``--benchmark shapes-pope`` asks every test scene its POPE-style
+existence question (rows then carry ``pope``: accuracy, precision, recall, F1, yes-ratio, per negative subtype).
+
 A model is a local checkpoint folder (``from_pretrained``; accuracy on the benchmark) or ``timing:<geometry>``:
 a random-weight model with the real widths/heads of LLaVA-1.5-7B or Qwen2.5-VL-7B (``--llm-layers`` /
 ``--vit-layers`` cut the depth so a CPU can time it; with real weights pass the checkpoint path instead). Every
@@ -12,6 +16,9 @@ model gets an ``unpatched`` row; every (method, keep) a row with:
 
 * ``accuracy`` / ``per_type`` / ``correct`` (per-question 0/1, for paired comparisons) on the benchmark;
 * ``vision_tokens_in`` / ``vision_tokens_at_llm`` (per image; FastV: the tokens of layers >= K);
+  ``contrast_branch_tokens`` for DAMRO (its second branch: text + outliers), whose prefill FLOPs are
+  ``flops.branch_prefill`` and whose decode step is in ``flops.decode_per_token``; DAMRO rows time and count a
+  contrasted prefill (both branches), as ``generate()`` runs it;
 * ``flops``: analytic per component (``vlmprune.stats``: vision tower, projector, LLM prefill, lm_head, per
   decoded token), ``flops_counter`` measured by ``torch.utils.flop_counter.FlopCounterMode`` on the same prefill
   (CPU SDPA formula registered), their ratio, and ``flop_bound_speedup`` = analytic unpatched / this prefill;
@@ -47,11 +54,12 @@ import torch
 
 import vlmprune
 from vlmprune import stats
-from vlmprune._ops import output_cache
+from vlmprune._ops import cache_bytes, output_cache
 
+from .accuracy import expand_settings, setting_config
 from .timing import interleaved, machine_info, sync
 
-BENCHMARKS = ("shapes", "easyvqa", "none")
+BENCHMARKS = ("shapes", "shapes-pope", "easyvqa", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN = ("sdpa", "eager", "flash_attention_2")
 
@@ -196,14 +204,14 @@ class RunConfig:
                     raise ValueError(f"{m}: model_type {mt!r} is not supported ({vlmprune.list_supported_models()})")
                 info = Path(m) / "training.json"
                 data = json.loads(info.read_text()).get("data") if info.is_file() else None
-                if data and self.benchmark not in ("none", data):
+                if data and self.benchmark.split("-")[0] not in ("none", data):
                     raise ValueError(f"{m} was trained on {data!r}: evaluate it with --benchmark {data} (or none)")
-        for meth in self.methods:
-            for k in self.keep:
-                mcfg = vlmprune.make_config(meth, keep=k)  # ConfigError (a ValueError) names the problem
-                layer = getattr(mcfg, "layer", None) if meth == "fastv" else None
-                if layer is not None and self.llm_layers is not None and self.llm_layers <= layer:
-                    raise ValueError(f"fastv prunes after LLM layer {layer}: --llm-layers must be > {layer}")
+        for meth, k in expand_settings(self.methods, self.keep):
+            mcfg = setting_config(meth, k)  # ConfigError (a ValueError) names the problem
+            inner = mcfg.prune_config() if isinstance(mcfg, vlmprune.DamroConfig) else mcfg
+            layer = getattr(inner, "layer", None) if inner is not None and inner.name == "fastv" else None
+            if layer is not None and self.llm_layers is not None and self.llm_layers <= layer:
+                raise ValueError(f"fastv prunes after LLM layer {layer}: --llm-layers must be > {layer}")
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"benchmark {self.benchmark!r} is not one of {BENCHMARKS}")
         if self.dtype not in DTYPES:
@@ -301,18 +309,6 @@ def _existing(path: Path) -> set[str]:
     return keys
 
 
-def _kv_bytes(cache: Any) -> int | None:
-    if cache is None:
-        return None
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total or None
-
-
 def _timing_inputs(model: Any, name: str, cfg: RunConfig, processor: Any, rows: list) -> dict[str, torch.Tensor]:
     from vlmprune.testing import make_inputs
 
@@ -328,7 +324,9 @@ def _timing_inputs(model: Any, name: str, cfg: RunConfig, processor: Any, rows: 
     return make_inputs(model, [[half, image, cfg.text_tokens - half]])
 
 
-def _analytic(model: Any, inputs: dict, n_vis_in: int, n_vis_out: int, method: str | None) -> dict[str, float]:
+def _analytic(
+    model: Any, inputs: dict, n_vis_in: int, n_vis_out: int, method: str | None, keep: Any
+) -> dict[str, float]:
     cfg = model.config
     ids = inputs["input_ids"][0]
     n_text = int(ids.shape[0]) - n_vis_in
@@ -337,12 +335,19 @@ def _analytic(model: Any, inputs: dict, n_vis_in: int, n_vis_out: int, method: s
     else:
         vision, proj = stats.vision_flops(cfg, grids=[tuple(int(v) for v in inputs["image_grid_thw"][0])])
     tc = cfg.get_text_config()
-    if method == "fastv":
-        layer = vlmprune.make_config("fastv").layer
-        llm, head, dec = stats.llm_flops_in_llm_pruning(tc, n_text + n_vis_in, n_text + n_vis_out, layer)
+    mcfg = setting_config(method, keep) if method is not None else None
+    damro = mcfg if isinstance(mcfg, vlmprune.DamroConfig) else None
+    inner = damro.prune_config() if damro is not None else mcfg
+    if inner is not None and inner.name == "fastv":
+        llm, head, dec = stats.llm_flops_in_llm_pruning(tc, n_text + n_vis_in, n_text + n_vis_out, inner.layer)
     else:
         llm, head, dec = stats.llm_flops(tc, n_text + n_vis_out)
-    return stats.FlopBreakdown(vision, proj, llm, head, dec).to_dict()
+    branch = 0.0
+    if damro is not None and damro.alpha > 0:  # the contrastive branch: text + top_k outliers, its own cache
+        b_llm, b_head, b_dec = stats.llm_flops(tc, n_text + min(damro.top_k, n_vis_in))
+        branch = b_llm + b_head
+        dec += b_dec
+    return stats.FlopBreakdown(vision, proj, llm, head, dec, branch).to_dict()
 
 
 def _ideal(model: Any, inputs: dict, keep: Any) -> Any:
@@ -414,7 +419,17 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
 
     @torch.inference_mode()
     def prefill() -> Any:
-        return model(**inputs, use_cache=True, logits_to_keep=1)
+        # DAMRO contrasts inside generate() only: open its session so the timed prefill includes its branch
+        method = getattr(getattr(model, "_vlmprune_state", None), "method", None)
+        branch = getattr(method, "branch", None)
+        with branch.contrasting() if branch is not None else contextlib.nullcontext():
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def counted_flops() -> dict[str, float]:
+        method = getattr(getattr(model, "_vlmprune_state", None), "method", None)
+        branch = getattr(method, "branch", None)
+        with branch.contrasting() if branch is not None else contextlib.nullcontext():
+            return stats.count_flops(model, inputs, use_cache=True, logits_to_keep=1)
 
     def label(m: str | None, k: Any) -> str:
         return "unpatched" if m is None else f"{m}@{k}"
@@ -422,26 +437,30 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
     # tokens, FLOPs (analytic and counted), KV cache and CUDA peak per setting
     info: dict[str, dict] = {}
     for m, k in settings:
-        ctx = vlmprune.patched(model, method=m, keep=k) if m is not None else contextlib.nullcontext()
+        ctx = vlmprune.patched(model, setting_config(m, k)) if m is not None else contextlib.nullcontext()
         with ctx:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             out = prefill()
             sync()
             peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            branch_tokens, branch_kv = None, 0
             if m is None:
                 n_out = n_vis_in
             else:
                 st = vlmprune.last_stats(model)
                 n_out = int(st["images"][0]["tokens_out"]) if st.get("images") else n_vis_in
-            counted = stats.count_flops(model, inputs, use_cache=True, logits_to_keep=1) if cfg.counter else None
-        analytic = _analytic(model, inputs, n_vis_in, n_out, m)
+                branch_tokens = st.get("damro", {}).get("branch_tokens", [None])[0]
+                branch_kv = st.get("damro", {}).get("branch_kv_bytes") or 0
+            counted = counted_flops() if cfg.counter else None
+        analytic = _analytic(model, inputs, n_vis_in, n_out, m, k)
         info[label(m, k)] = {
             "vision_tokens_at_llm": n_out,
+            "contrast_branch_tokens": branch_tokens,
             "flops": analytic,
             "flops_counter": counted,
             "flops_analytic_over_counter": (analytic["prefill"] / counted["prefill"]) if counted else None,
-            "kv_cache_bytes": _kv_bytes(output_cache(out)),
+            "kv_cache_bytes": (cache_bytes(output_cache(out)) or 0) + branch_kv or None,  # DAMRO: both caches
             "peak_cuda_bytes": peak,
         }
         del out
@@ -453,11 +472,11 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
             fns["unpatched"] = prefill
         else:
             fns[label(m, k)] = (
-                lambda m=m, k=k: vlmprune.patch(model, method=m, keep=k),
+                lambda m=m, k=k: vlmprune.patch(model, setting_config(m, k)),
                 prefill,
                 lambda: vlmprune.unpatch(model),
             )
-    keeps = list({repr(k): k for m, k in settings if m is not None and m != "fastv"}.values())
+    keeps = list({repr(k): k for m, k in settings if m is not None and not m.endswith("fastv")}.values())
     ideal_check: dict[Any, float] = {}
     if cfg.ideal:
         for k in keeps:
@@ -483,7 +502,11 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
             dec_fns[f"{label(m, k)}#{n_new}"] = (
                 gen
                 if m is None
-                else (lambda m=m, k=k: vlmprune.patch(model, method=m, keep=k), gen, lambda: vlmprune.unpatch(model))
+                else (
+                    lambda m=m, k=k: vlmprune.patch(model, setting_config(m, k)),
+                    gen,
+                    lambda: vlmprune.unpatch(model),
+                )
             )
     dec = interleaved(dec_fns, rounds=max(1, cfg.rounds // 2), warmup=1, progress=progress)
 
@@ -497,7 +520,7 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
             continue
         lab = label(m, k)
         t = timing[lab]
-        ideal = timing.get(f"ideal@{k}") if m not in (None, "fastv") else None
+        ideal = timing.get(f"ideal@{k}") if m is not None and not m.endswith("fastv") else None
         dt_decode = dec[f"{lab}#{cfg.decode_tokens}"]["median_s"] - dec[f"{lab}#1"]["median_s"]
         a = acc.get(lab)
         row = {
@@ -511,8 +534,9 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
             "n": len(rows) if a else None,
             "method": m,
             "keep": k,
-            "config": vlmprune.make_config(m, keep=k).to_dict() if m is not None else None,
+            "config": setting_config(m, k).to_dict() if m is not None else None,
             "accuracy": a["accuracy"] if a else None,
+            "pope": a.get("pope") if a else None,
             "per_type": a["per_type"] if a else None,
             "correct": "".join(map(str, a["correct"])) if a else None,
             "vision_tokens_in": n_vis_in,
@@ -544,6 +568,7 @@ def _vit_depth(model: Any) -> int:
 
 def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     """Run the sweep, appending new rows to ``cfg.out``; returns the rows written now."""
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -556,7 +581,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
         models = tqdm(cfg.models, desc="models", unit="model")
     for spec in models:
-        wanted: list[tuple[str | None, Any]] = [(None, None)] + [(m, k) for m in cfg.methods for k in cfg.keep]
+        wanted: list[tuple[str | None, Any]] = [(None, None), *expand_settings(cfg.methods, cfg.keep)]
         todo = [(m, k) for m, k in wanted if cfg.key(spec, m, k) not in done]
         if not todo:
             print(f"{spec}: all {len(wanted)} rows already in {out}, skipped")

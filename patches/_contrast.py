@@ -17,14 +17,16 @@ Mechanics (all instance-level, removed by ``unpatch``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .._ops import cache_of, output_cache
+from .._ops import cache_bytes, cache_of, output_cache
 from ..errors import ConfigError, UnsupportedInputError, UnsupportedModelError
 from ..methods.damro import DamroConfig, contrast_logits, select_outliers
 
@@ -107,13 +109,21 @@ class ContrastBranch:
                     "DAMRO does not support assisted / prompt-lookup decoding (the contrastive branch scores one "
                     "token per step). Drop assistant_model / prompt_lookup_num_tokens."
                 )
-            outer, self.session = self.session, _Session()
-            try:
+            with self.contrasting():
                 return original(*args, **kwargs)
-            finally:
-                self.session = outer
 
         return generate
+
+    @contextlib.contextmanager
+    def contrasting(self) -> Iterator[None]:
+        """Contrast the forwards inside the block as ``generate()`` does: the first one with images runs the
+        branch's prefill, later ones whose cache is that prefill's run a branch decode step. ``generate()`` opens
+        this itself; the harness uses it to time one contrasted prefill."""
+        outer, self.session = self.session, _Session()
+        try:
+            yield
+        finally:
+            self.session = outer
 
     # ---- outlier scores ------------------------------------------------------------------------------------
     def begin_encode(self, kind: str) -> None:
@@ -215,6 +225,7 @@ class ContrastBranch:
             h = hidden[:, -1] if p["last"] is None else hidden[torch.arange(hidden.shape[0]), p["last"]]
             s.cache, s.main_cache = output_cache(out), output_cache(output)
             self.ctx.stats["damro"] = {
+                "branch_kv_bytes": cache_bytes(s.cache),
                 "score": self.score,
                 "top_k": self.config.top_k,
                 "alpha": self.config.alpha,

@@ -327,3 +327,27 @@ def test_cls_score_refused_without_cls():
     with pytest.raises(vlmprune.errors.UnsupportedModelError, match="CLS"):
         vlmprune.patch(model, method="damro", score="cls_merged")
     assert not vlmprune.is_patched(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_bfloat16_static_cache_and_several_samples(family):
+    """bf16 weights (the contrast is mixed in float32), a static main cache, and num_return_sequences > 1."""
+    from vlmprune.testing import tiny_model
+
+    model = tiny_model(family, seed=2, dtype=torch.bfloat16)
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with vlmprune.patched(model, method="damro", alpha=0.0), torch.no_grad():
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), ref)
+    with vlmprune.patched(model, method="damro", top_k=3), torch.no_grad():
+        dyn = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        assert dyn.logits[0].dtype == torch.float32
+        static = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        assert torch.equal(static, dyn.sequences)
+        many = model.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=3)
+        assert many.shape[0] == 3 * inputs["input_ids"].shape[0]
+        kv = vlmprune.last_stats(model)["damro"]["branch_kv_bytes"]
+        assert kv and kv > 0

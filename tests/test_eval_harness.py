@@ -14,9 +14,7 @@ pytest.importorskip("matplotlib")
 
 
 def _eval(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -55,7 +53,7 @@ def results(tmp_path_factory):
         json.dumps(
             {
                 "models": ["timing:llava-tiny", "timing:qwen2-vl-tiny"],
-                "methods": ["uniform", "hiprune", "fastv"],
+                "methods": ["uniform", "hiprune", "fastv", "damro", "damro+uniform"],
                 "keep": [0.5],
                 "rounds": 1,
                 "warmup": 0,
@@ -72,24 +70,54 @@ def results(tmp_path_factory):
 def test_rows_carry_the_promised_fields(results):
     out, _, _ = results
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(rows) == 2 * 4  # unpatched + 3 methods, per model
+    assert len(rows) == 2 * 6  # unpatched + 3 methods + DAMRO alone (keep 1.0 only) + DAMRO on uniform, per model
     for r in rows:
-        for key in ("config", "model", "dtype", "attn_implementation", "machine", "flops", "flops_counter",
-                    "ttft_ms_median", "ttft_ms_min", "cpu_per_wall", "decode_tokens_per_s", "kv_cache_bytes"):
+        for key in (
+            "config",
+            "model",
+            "dtype",
+            "attn_implementation",
+            "machine",
+            "flops",
+            "flops_counter",
+            "ttft_ms_median",
+            "ttft_ms_min",
+            "cpu_per_wall",
+            "decode_tokens_per_s",
+            "kv_cache_bytes",
+        ):
             assert key in r, key
         assert r["machine"]["git_sha"] and r["machine"]["torch"] and r["machine"]["transformers"]
         # the analytic formula equals torch's counter exactly for the plain cut; methods that compute extra
         # attention scores (HiPrune's two ViT layers, FastV's layer K-1 ranking) cost a little more than the formula
+        # (DAMRO: its branch is in both; the counter also sees its outlier score, hence <= 1, not == 1)
         if r["method"] in (None, "uniform"):
             # (rel 1e-3: transformers 5.0's RoPE computes its angles with a matmul the counter sees, ~1e-4)
             assert r["flops_analytic_over_counter"] == pytest.approx(1.0, rel=1e-3), r["method"]
         else:
             assert 0.8 < r["flops_analytic_over_counter"] <= 1.0 + 1e-9, r["method"]
-        if r["method"] is not None:
+        if r["method"] == "damro":  # the whole image in the main branch, plus the branch: dearer than unpatched
+            assert r["config"]["keep"] == 1.0 and r["vision_tokens_at_llm"] == r["vision_tokens_in"]
+            assert r["flop_bound_speedup"] < 1.0
+        elif r["method"] is not None:
             assert r["config"]["keep"] == 0.5 and r["vision_tokens_at_llm"] == r["vision_tokens_in"] // 2
-            assert r["flop_bound_speedup"] > 1.0
+            if r["method"] != "damro+uniform":  # (on tiny models the branch can cost more than pruning saves)
+                assert r["flop_bound_speedup"] > 1.0
+        if r["method"] and r["method"].startswith("damro"):
+            text = r["timing"]["text_tokens"] - r["vision_tokens_in"]
+            assert r["contrast_branch_tokens"] == text + min(10, r["vision_tokens_in"])
+            assert r["flops"]["branch_prefill"] > 0
+        else:
+            assert r["flops"]["branch_prefill"] == 0
         if r["method"] == "uniform":
             assert r["ideal_ttft_ms_median"] > 0 and r["ideal_check_max_abs_diff"] < 1e-4
+    by = {(r["model"], r["method"]): r for r in rows}
+    for model in ("timing:llava-tiny", "timing:qwen2-vl-tiny"):  # DAMRO = the same prefill + its branch
+        for plain, damro in ((None, "damro"), ("uniform", "damro+uniform")):
+            p, d = by[(model, plain)]["flops"], by[(model, damro)]["flops"]
+            assert d["prefill"] == pytest.approx(p["prefill"] + d["branch_prefill"])
+            assert d["decode_per_token"] > 1.5 * p["decode_per_token"]
+            assert by[(model, damro)]["kv_cache_bytes"] > by[(model, plain)]["kv_cache_bytes"]  # two caches
     kv = {(r["model"], r["method"]): r["kv_cache_bytes"] for r in rows}
     for model in ("timing:llava-tiny", "timing:qwen2-vl-tiny"):
         assert kv[(model, "uniform")] < kv[(model, None)]  # the pruned prefill really caches fewer tokens
@@ -107,8 +135,8 @@ def test_report_writes_tables_and_plots(results, tmp_path):
     out, _, _ = results
     _eval("report", str(out), "--out-dir", str(tmp_path))
     md = (tmp_path / "r.md").read_text()
-    for m in ("unpatched", "uniform", "hiprune", "fastv"):
+    for m in ("unpatched", "uniform", "hiprune", "fastv", "damro+uniform"):
         assert m in md
-    assert (tmp_path / "r.csv").read_text().count("\n") == 1 + 8
+    assert (tmp_path / "r.csv").read_text().count("\n") == 1 + 12
     png = tmp_path / "r_speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -34,6 +34,7 @@ from .errors import (
     UnsupportedVersionError,
     VlmpruneError,
 )
+from .methods.damro import DamroConfig
 from .methods.fastv import FastVConfig
 from .methods.hiprune import HiPruneConfig
 from .methods.pool import PoolConfig
@@ -62,6 +63,7 @@ __all__ = [
     "VisionZipConfig",
     "FastVConfig",
     "VQTokenConfig",
+    "DamroConfig",
     "VlmpruneError",
     "UnknownMethodError",
     "UnsupportedModelError",

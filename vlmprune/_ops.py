@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["top_indices", "repad_index", "cache_of", "output_cache"]
+__all__ = ["top_indices", "repad_index", "cache_of", "output_cache", "cache_bytes"]
 
 
 def top_indices(score: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,3 +49,16 @@ def output_cache(output: Any) -> Any:
     """The KV cache a forward returned (``.cache`` from 5.24, ``.past_key_values`` before), or None."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def cache_bytes(cache: Any) -> int | None:
+    """Bytes held by a KV cache's key and value tensors (``None`` for no cache or an unknown layout)."""
+    if cache is None:
+        return None
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total or None

@@ -49,10 +49,13 @@ class FlopBreakdown:
     llm_prefill: float = 0.0
     lm_head: float = 0.0
     decode_per_token: float = 0.0
+    #: a second LLM pass in the prefill (DAMRO's contrastive branch: text + outlier tokens, with its lm_head);
+    #: its decode step is included in ``decode_per_token``
+    branch_prefill: float = 0.0
 
     @property
     def prefill(self) -> float:
-        return self.vision + self.projector + self.llm_prefill + self.lm_head
+        return self.vision + self.projector + self.llm_prefill + self.lm_head + self.branch_prefill
 
     def to_dict(self) -> dict[str, float]:
         d = dataclasses.asdict(self)

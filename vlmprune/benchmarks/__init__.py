@@ -21,7 +21,15 @@ import torch
 
 from ._processors import load_processor
 
-__all__ = ["answer_questions", "first_word", "load_processor", "paired_difference", "prompt_inputs", "score"]
+__all__ = [
+    "answer_questions",
+    "first_word",
+    "load_processor",
+    "paired_difference",
+    "pope_metrics",
+    "prompt_inputs",
+    "score",
+]
 
 
 def first_word(text: str) -> str:
@@ -83,7 +91,8 @@ def answer_questions(
 
 
 def score(predictions: Sequence[str], rows: Sequence[Any]) -> dict[str, Any]:
-    """Exact first-word accuracy overall and per ``question_type``; ``correct`` is the per-row 0/1 list."""
+    """Exact first-word accuracy overall and per ``question_type``; ``correct`` is the per-row 0/1 list; ``pope``
+    the POPE metrics of the existence rows (:func:`pope_metrics`, ``None`` without any)."""
     if len(predictions) != len(rows):
         raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
     correct = [int(first_word(p) == first_word(r["answer"])) for p, r in zip(predictions, rows, strict=True)]
@@ -95,7 +104,49 @@ def score(predictions: Sequence[str], rows: Sequence[Any]) -> dict[str, Any]:
         "n": len(correct),
         "per_type": {t: sum(v) / len(v) for t, v in sorted(per.items())},
         "correct": correct,
+        "pope": pope_metrics(predictions, rows),
     }
+
+
+def pope_metrics(predictions: Sequence[str], rows: Sequence[Any]) -> dict[str, Any] | None:
+    """POPE metrics over the yes/no existence rows (``question_type == "exist"``), "yes" being the positive class.
+
+    Returns ``None`` when there are none, else ``accuracy``, ``precision``, ``recall``, ``f1``, ``yes_ratio`` (share
+    of "yes" answers: a hallucinating model says "yes" too often), ``n``, ``unanswered`` (first word neither yes
+    nor no; counted as wrong, and as "no" for precision / recall, as POPE's own script does), and the same per
+    ``subtype`` of the negatives (``adversarial`` / ``popular`` / ``random``, each with all the positives, as POPE
+    reports its three splits).
+    """
+    pairs = [
+        (first_word(p), first_word(r["answer"]), r.get("subtype"))
+        for p, r in zip(predictions, rows, strict=True)
+        if r["question_type"] == "exist"
+    ]
+    if not pairs:
+        return None
+
+    def metrics(sel: list[tuple[str, str, Any]]) -> dict[str, Any]:
+        tp = sum(p == "yes" and a == "yes" for p, a, _ in sel)
+        fp = sum(p == "yes" and a == "no" for p, a, _ in sel)
+        fn = sum(p != "yes" and a == "yes" for p, a, _ in sel)
+        correct = sum(p == a for p, a, _ in sel)
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        return {
+            "accuracy": correct / len(sel),
+            "precision": prec,
+            "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "yes_ratio": sum(p == "yes" for p, _, _ in sel) / len(sel),
+            "n": len(sel),
+            "unanswered": sum(p not in ("yes", "no") for p, _, _ in sel),
+        }
+
+    out = metrics(pairs)
+    positives = [x for x in pairs if x[1] == "yes"]
+    subtypes = sorted({s for _, a, s in pairs if a == "no" and s is not None})
+    out["per_subtype"] = {s: metrics(positives + [x for x in pairs if x[1] == "no" and x[2] == s]) for s in subtypes}
+    return out
 
 
 def paired_difference(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> dict[str, float]:

@@ -60,6 +60,7 @@ __all__ = [
     "SHAPES",
     "SPLIT_SEEDS",
     "SPLIT_SIZES",
+    "pope_sample",
     "Obj",
     "Scene",
     "build_dataset",
@@ -373,6 +374,23 @@ def sample(split: str, index: int) -> dict[str, Any]:
     q = qs[index % len(QUESTION_TYPES)]
     return {
         "id": f"{split}-{index:05d}",
+        "image": img,
+        "question": q["question"],
+        "answer": q["answer"],
+        "question_type": q["question_type"],
+        "subtype": q["subtype"],
+        "scene": json.dumps([asdict(o) for o in sc.objects]),
+    }
+
+
+def pope_sample(split: str, index: int) -> dict[str, Any]:
+    """Image ``index`` of ``split`` with its existence question (POPE style: half "yes", the "no" half split into
+    adversarial / popular / random negatives, see ``subtype``), so a POPE evaluation gets one yes/no question on
+    every scene of a split instead of every fifth."""
+    img, sc, qs = scene_questions(split, index)
+    q = qs[QUESTION_TYPES.index("exist")]
+    return {
+        "id": f"{split}-pope-{index:05d}",
         "image": img,
         "question": q["question"],
         "answer": q["answer"],
