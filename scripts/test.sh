@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+export VLMPRUNE_REQUIRE_EXAMPLES=1  # setup.sh installs the examples extra: the notebooks must run, not skip
 mapfile -t versions < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' vlmprune/tested_versions.txt | sort -V)
 newest=${versions[-1]}
 TRANSFORMERS="transformers==$newest" bash scripts/setup.sh
