@@ -18,7 +18,8 @@ model gets an ``unpatched`` row; every (method, keep) a row with:
 * ``vision_tokens_in`` / ``vision_tokens_at_llm`` (per image; FastV: the tokens of layers >= K);
   ``contrast_branch_tokens`` for DAMRO (its second branch: text + outliers), whose prefill FLOPs are
   ``flops.branch_prefill`` and whose decode step is in ``flops.decode_per_token``; DAMRO rows time and count a
-  contrasted prefill (both branches), as ``generate()`` runs it;
+  contrasted prefill (both branches), as ``generate()`` runs it (the counter cannot tell the branches apart: it
+  books the branch under ``llm_prefill`` / ``lm_head``; totals compare), and have no ideal / overhead ratio;
 * ``flops``: analytic per component (``vlmprune.stats``: vision tower, projector, LLM prefill, lm_head, per
   decoded token), ``flops_counter`` measured by ``torch.utils.flop_counter.FlopCounterMode`` on the same prefill
   (CPU SDPA formula registered), their ratio, and ``flop_bound_speedup`` = analytic unpatched / this prefill;
@@ -476,7 +477,10 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
                 prefill,
                 lambda: vlmprune.unpatch(model),
             )
-    keeps = list({repr(k): k for m, k in settings if m is not None and not m.endswith("fastv")}.values())
+    # ideal = the unpatched modules on the kept tokens: defined for pruning at the LLM input (not FastV, which prunes
+    # inside the LLM, nor DAMRO, whose second branch no ideal run has)
+    plain = [(m, k) for m, k in settings if m is not None and not m.endswith("fastv") and not m.startswith("damro")]
+    keeps = list({repr(k): k for m, k in plain}.values())
     ideal_check: dict[Any, float] = {}
     if cfg.ideal:
         for k in keeps:
@@ -520,7 +524,7 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
             continue
         lab = label(m, k)
         t = timing[lab]
-        ideal = timing.get(f"ideal@{k}") if m is not None and not m.endswith("fastv") else None
+        ideal = timing.get(f"ideal@{k}") if (m, k) in plain else None
         dt_decode = dec[f"{lab}#{cfg.decode_tokens}"]["median_s"] - dec[f"{lab}#1"]["median_s"]
         a = acc.get(lab)
         row = {

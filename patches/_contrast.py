@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .._ops import cache_bytes, cache_of, output_cache
-from ..errors import ConfigError, UnsupportedInputError, UnsupportedModelError
+from ..errors import ConfigError, PatchBypassedError, UnsupportedInputError, UnsupportedModelError
 from ..methods.damro import DamroConfig, contrast_logits, select_outliers
 
 __all__ = ["ContrastBranch"]
@@ -44,6 +44,7 @@ class _Session:
     length: int = 0  # L, the main prompt's original length (generate's masks grow from it)
     next_pos: torch.Tensor | None = None  # position of the first generated token in the branch, per row
     steps: int = 0
+    has_image: torch.Tensor | None = None  # (B,) rows with at least one image (the others are not contrasted)
 
 
 class ContrastBranch:
@@ -109,6 +110,10 @@ class ContrastBranch:
                     "DAMRO does not support assisted / prompt-lookup decoding (the contrastive branch scores one "
                     "token per step). Drop assistant_model / prompt_lookup_num_tokens."
                 )
+            gc_has = hasattr(gc, "disable_compile") if gc is not None else False
+            if gc_has and "disable_compile" not in kwargs and kwargs.get("generation_config") is None:
+                # the branch runs inside the model's forward: keep generate() from compiling it (static caches)
+                kwargs["disable_compile"] = True
             with self.contrasting():
                 return original(*args, **kwargs)
 
@@ -143,12 +148,21 @@ class ContrastBranch:
         emb, real = view.embeds, view.real
         B, L, _ = emb.shape
         dev = real.device
+        if view.right_padded:
+            raise UnsupportedInputError(
+                "DAMRO contrasts the next-token logits of every row, which generate() reads from the last column: pad "
+                "the batch on the left (processor.tokenizer.padding_side = 'left'), as generate() expects anyway."
+            )
+        if view.mrope and view.position_ids is None:
+            raise PatchBypassedError("M-RoPE model called its language model without position_ids; cannot contrast.")
         keep = real.clone()
         for seg in view.segments:
             keep[seg.row, seg.positions] = False
         order_key = torch.arange(L, device=dev, dtype=torch.float64).expand(B, L).clone()
         outliers = []
+        has_image = torch.zeros(B, dtype=torch.bool, device=dev)
         for seg in view.segments:
+            has_image[seg.row] = True
             scores = seg.extras.get("damro") if isinstance(seg.extras, dict) else None
             if scores is None:
                 raise UnsupportedInputError(
@@ -169,12 +183,8 @@ class ContrastBranch:
             order_key[seg.row, pos] = float(grid_pos[0]) + rank / (sel.numel() + 1)
             outliers.append({"row": seg.row, "kind": seg.kind, "indices": sel.tolist()})
         n = int(keep.sum(-1).max())
-        if view.right_padded:
-            key = torch.where(keep, order_key, torch.where(real, L + 2.0, L + 1.0).to(torch.float64))
-            idx = torch.sort(key, dim=-1, stable=True).indices[:, :n]
-        else:
-            key = torch.where(keep, order_key, torch.where(real, -2.0, -1.0).to(torch.float64))
-            idx = torch.sort(key, dim=-1, stable=True).indices[:, L - n :]
+        key = torch.where(keep, order_key, torch.where(real, -2.0, -1.0).to(torch.float64))  # left padded
+        idx = torch.sort(key, dim=-1, stable=True).indices[:, L - n :]
         valid = keep.gather(1, idx)
         if view.mrope:
             full = view.position_ids.to(dev)
@@ -189,10 +199,9 @@ class ContrastBranch:
             "embeds": emb.gather(1, idx[..., None].expand(-1, -1, emb.shape[-1])),
             "mask": valid.long(),
             "positions": pos_ids,
-            "last": (valid.long().cumsum(-1).argmax(-1) if view.right_padded else None),
             "info": {"outliers": outliers, "branch_tokens": valid.sum(-1).tolist()},
         }
-        s.valid, s.length, s.next_pos, s.steps = valid, L, next_pos, 0
+        s.valid, s.length, s.next_pos, s.steps, s.has_image = valid, L, next_pos, 0, has_image
 
     # ---- the branch's forward and the contrast -------------------------------------------------------------
     def _run_lm(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
@@ -221,8 +230,7 @@ class ContrastBranch:
         if s.pending is not None:
             p, s.pending = s.pending, None
             out = self._run_lm(p["embeds"], p["mask"], p["positions"], None)
-            hidden = out.last_hidden_state
-            h = hidden[:, -1] if p["last"] is None else hidden[torch.arange(hidden.shape[0]), p["last"]]
+            h = out.last_hidden_state[:, -1]
             s.cache, s.main_cache = output_cache(out), output_cache(output)
             self.ctx.stats["damro"] = {
                 "branch_kv_bytes": cache_bytes(s.cache),
@@ -258,6 +266,8 @@ class ContrastBranch:
         cd = self._logits(h)
         logits = output.logits
         mixed = contrast_logits(logits[:, -1], cd, self.config.alpha, self.config.beta)
+        # a text-only row of a mixed batch has nothing to contrast: its logits stay as they are, as when alone
+        mixed = torch.where(s.has_image.to(mixed.device)[:, None], mixed, logits[:, -1].float())
         if logits.shape[1] == 1:
             output.logits = mixed[:, None]
         else:

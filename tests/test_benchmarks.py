@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("PIL")
-from vlmprune.benchmarks import first_word, paired_difference, pope_metrics, score, shapes  # noqa: E402
+from vlmprune.benchmarks import first_word, paired_difference, pope_answer, pope_metrics, score, shapes  # noqa: E402
 
 
 def _digest(img) -> str:
@@ -161,17 +161,26 @@ def test_pope_metrics_and_rows():
         {"answer": "yes", "question_type": "exist", "subtype": "positive"},
         {"answer": "no", "question_type": "exist", "subtype": "adversarial"},
         {"answer": "no", "question_type": "exist", "subtype": "random"},
+        {"answer": "no", "question_type": "exist", "subtype": "random"},
         {"answer": "red", "question_type": "attribute", "subtype": "colour"},
     ]
-    p = pope_metrics(["yes", "maybe", "Yes.", "no", "yes"], rows)
-    # tp=1 fp=1 fn=1 (an unanswered positive counts as "no"), the attribute row is ignored
-    assert p["n"] == 4 and p["unanswered"] == 1
-    assert p["precision"] == p["recall"] == p["f1"] == 0.5
-    assert p["accuracy"] == 0.5 and p["yes_ratio"] == 0.5
+    # POPE's reading: "no"/"not" in the first sentence -> no, anything else (even "maybe") -> yes
+    assert [pope_answer(t) for t in ("No, there is not.", "There is not one", "Yes. No.", "maybe", "no")] == [
+        "no",
+        "no",
+        "yes",
+        "yes",
+        "no",
+    ]
+    p = pope_metrics(["yes", "no", "Yes.", "no", "maybe", "yes"], rows)
+    # tp=1 fn=1 fp=2 (the unanswered negative reads as "yes"), tn=1; the attribute row is ignored
+    assert p["n"] == 5 and p["unanswered"] == 1
+    assert p["precision"] == 1 / 3 and p["recall"] == 0.5 and p["f1"] == pytest.approx(0.4)
+    assert p["accuracy"] == 2 / 5 and p["yes_ratio"] == 3 / 5
     assert p["per_subtype"]["adversarial"]["n"] == 3 and p["per_subtype"]["adversarial"]["accuracy"] == 1 / 3
-    assert p["per_subtype"]["random"]["accuracy"] == 2 / 3
-    assert pope_metrics(["red"], rows[4:]) is None
-    assert score(["yes"] * 5, rows)["pope"]["recall"] == 1.0
+    assert p["per_subtype"]["random"]["accuracy"] == 2 / 4
+    assert pope_metrics(["red"], rows[5:]) is None
+    assert score(["yes"] * 6, rows)["pope"]["recall"] == 1.0
     for i in (0, 7):  # one existence question per scene, on the same image as the benchmark row
         pr, row = shapes.pope_sample("test", i), shapes.sample("test", i)
         assert pr["question_type"] == "exist" and pr["answer"] in ("yes", "no")

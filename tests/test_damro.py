@@ -13,7 +13,20 @@ from conftest import LLMProbe, get_model, hook_snapshot, inputs_for, sequence, v
 import vlmprune
 from vlmprune.config import resolve_budget
 from vlmprune.errors import ConfigError, UnsupportedInputError
-from vlmprune.methods.damro import DamroConfig, cls_attention_scores, contrast_logits, select_outliers
+from vlmprune.methods.damro import FLOOR_MARGIN, DamroConfig, cls_attention_scores, contrast_logits, select_outliers
+
+
+def plausible(logits: torch.Tensor) -> torch.Tensor:
+    """Which entries are in DAMRO's plausible set: the others sit FLOOR_MARGIN below the lowest plausible one."""
+    return logits > logits.amax(-1, keepdim=True) - FLOOR_MARGIN / 2
+
+
+def assert_same_contrast(got: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4) -> None:
+    """Same plausible set (``ref`` may mark the rest -inf, as the paper does) and the same values on it."""
+    keep = torch.isfinite(ref) if torch.isinf(ref).any() else plausible(ref)
+    assert torch.equal(plausible(got), keep)
+    torch.testing.assert_close(got[keep].double(), ref[keep].double(), atol=atol, rtol=1e-4)
+
 
 # ---- pure functions ----------------------------------------------------------------------------------------
 
@@ -51,11 +64,16 @@ def test_contrast_logits_definition():
     alpha, beta = 1.5, 0.2
     out = contrast_logits(main, cd, alpha, beta)
     p = main.softmax(-1)
-    plausible = p >= beta * p.amax(-1, keepdim=True)
-    assert torch.equal(torch.isfinite(out), plausible)
-    assert torch.allclose(out[plausible], ((1 + alpha) * main - alpha * cd)[plausible], atol=1e-5)
-    assert bool(plausible.gather(1, main.argmax(-1, keepdim=True)).all())  # never an all -inf row
-    assert torch.isfinite(contrast_logits(main, cd, alpha, 0.0)).all()  # beta=0 keeps all
+    ok = p >= beta * p.amax(-1, keepdim=True)
+    assert torch.equal(plausible(out), ok)
+    assert torch.allclose(out[ok], ((1 + alpha) * main - alpha * cd)[ok], atol=1e-5)
+    assert bool(ok.gather(1, main.argmax(-1, keepdim=True)).all())  # the main branch's top token is always in
+    for r in range(out.shape[0]):  # the rest: a finite floor far below, ranked like the main branch
+        low, high = out[r][~ok[r]], out[r][ok[r]]
+        assert torch.isfinite(low).all() and bool(low.max() <= high.min() - FLOOR_MARGIN + 1)
+        assert torch.equal(torch.argsort(low, stable=True), torch.argsort(main[r][~ok[r]], stable=True))
+        assert float(torch.softmax(out[r], -1)[~ok[r]].sum()) == 0.0  # no sampler can tell it from -inf
+    assert torch.equal(contrast_logits(main, cd, alpha, 0.0), (1 + alpha) * main - alpha * cd)  # beta=0 keeps all
     assert torch.equal(contrast_logits(main, cd, 0.0, 0.0), main)
 
 
@@ -143,10 +161,7 @@ def _check_against_reference(model, inputs, got, ref_gen, ref_mixed):
     L = inputs["input_ids"].shape[1]
     assert got.sequences[0, L:].tolist() == ref_gen
     for t, lg in enumerate(got.logits):
-        lg = lg[0].double()
-        assert torch.equal(torch.isfinite(lg), torch.isfinite(ref_mixed[t]))
-        fin = torch.isfinite(lg)
-        torch.testing.assert_close(lg[fin], ref_mixed[t][fin].double(), atol=2e-4, rtol=1e-4)
+        assert_same_contrast(lg[0], ref_mixed[t], atol=2e-4)
 
 
 def test_llava_matches_step_by_step_reference():
@@ -254,9 +269,7 @@ def test_batch_equals_singles(model, prune):
             )
         assert out_b.sequences[i, L:].tolist() == out_s.sequences[0, single["input_ids"].shape[1] :].tolist()
         for lb, ls in zip(out_b.logits, out_s.logits, strict=True):
-            assert torch.equal(torch.isfinite(lb[i]), torch.isfinite(ls[0]))
-            fin = torch.isfinite(ls[0])
-            torch.testing.assert_close(lb[i][fin], ls[0][fin], atol=1e-4, rtol=1e-4)
+            assert_same_contrast(lb[i], ls[0])
 
 
 def test_main_branch_gets_the_budget_and_branch_is_short(model):
@@ -301,8 +314,53 @@ def test_generation_config_is_honoured(model):
             return_dict_in_generate=True,
         )
     assert torch.equal(cold, greedy)
-    # scores = logits after the repetition penalty: they differ from the contrastive logits where penalised
-    assert any(not torch.equal(s.nan_to_num(), lg.nan_to_num()) for s, lg in zip(out.scores, out.logits, strict=True))
+    # the penalty is applied to the contrastive logits: scores = penalty(logits) over the tokens seen so far
+    L = inputs["input_ids"].shape[1]
+    pad = int(inputs["input_ids"][inputs["attention_mask"] == 0][0])
+    for t, (sc, lg) in enumerate(zip(out.scores, out.logits, strict=True)):
+        seen = torch.zeros_like(lg, dtype=torch.bool)
+        for b in range(seen.shape[0]):  # the row's real prompt tokens and what it generated so far (pads excluded)
+            ids = torch.cat([inputs["input_ids"][b][inputs["attention_mask"][b].bool()], out.sequences[b, L : L + t]])
+            seen[b, ids] = True
+        expected = torch.where(seen, torch.where(lg > 0, lg / 50.0, lg * 50.0), lg)
+        other = torch.arange(lg.shape[-1]) != pad  # whether pads count as seen differs across transformers releases
+        torch.testing.assert_close(sc[:, other], expected[:, other])
+    assert not torch.equal(out.sequences, greedy)  # and it changes the answer
+
+
+def test_processors_that_ban_every_plausible_token_fall_back_to_the_main_ranking(model):
+    """beta=1 leaves one plausible token; suppressing it must not yield an all -inf row (token 0 / a crash):
+    decoding falls back to the main branch's ranking, i.e. the unpatched model with the same suppression."""
+    inputs = inputs_for(model)
+    L = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, L:].flatten().tolist()
+        ref = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=first)
+        vlmprune.patch(model, method="damro", top_k=3, beta=1.0)
+        got = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=first)
+        sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, suppress_tokens=first)
+    assert torch.equal(got, ref)
+    assert not set(sampled[:, L:].flatten().tolist()) & set(first)
+
+
+@pytest.mark.parametrize("prune", [None, "uniform", "hiprune", "visionzip", "fastv"])
+def test_beta_one_keeps_the_main_branch_choice(model, prune):
+    """With beta=1 only the main branch's best token is plausible, so greedy DAMRO (alpha > 0, second branch
+    running) must give exactly the tokens of the model (or the pruning method) alone: the branch disturbs nothing,
+    FastV's in-LLM hooks included."""
+    inputs = inputs_for(model)
+    kw = dict(prune=prune, keep=0.25) if prune else {}
+    if prune:
+        vlmprune.patch(model, method=prune, keep=0.25)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    if prune:
+        vlmprune.unpatch(model)
+    vlmprune.patch(model, method="damro", top_k=3, beta=1.0, **kw)
+    with torch.no_grad():
+        got = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, ref)
+    assert vlmprune.last_stats(model)["damro"]["branch_tokens"]
 
 
 def test_unsupported_decoding_modes_raise(model):
@@ -310,8 +368,24 @@ def test_unsupported_decoding_modes_raise(model):
     vlmprune.patch(model, method="damro")
     with pytest.raises(UnsupportedInputError, match="beam"):
         model.generate(**inputs, max_new_tokens=2, num_beams=2)
+    with pytest.raises(UnsupportedInputError, match="left"):
+        model.generate(**inputs_for(model, padding_side="right"), max_new_tokens=2)
     with torch.no_grad():  # still usable afterwards
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_text_only_rows_of_a_mixed_batch_are_not_contrasted(model):
+    image = "image" if model.config.model_type == "llava" else ("image", 8, 8)
+    inputs = inputs_for(model, [[5, image, 3], [9]])
+    kw = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **kw)
+        with vlmprune.patched(model, method="damro", top_k=3, beta=0.5):
+            got = model.generate(**inputs, **kw)
+    assert torch.equal(got.sequences[1], ref.sequences[1])
+    for a, b in zip(got.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a[1], b[1].float())  # untouched: no plausibility cut, no contrast
+    assert not plausible(got.logits[0][0]).all()  # while the image row is cut
 
 
 def test_text_only_generate_is_not_contrasted(model):
@@ -335,7 +409,14 @@ def test_bfloat16_static_cache_and_several_samples(family):
     from vlmprune.testing import tiny_model
 
     model = tiny_model(family, seed=2, dtype=torch.bfloat16)
-    inputs = inputs_for(model)
+    # one image per row (transformers <= 5.12 expands LLaVA's pixel_values per image, not per sample, for
+    # num_return_sequences: wrong even unpatched)
+    spec = (
+        [[5, "image", 3], [2, "image", 4]]
+        if family == "llava"
+        else [[5, ("image", 8, 8), 3], [2, ("image", 8, 12), 4]]
+    )
+    inputs = inputs_for(model, spec)
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     with vlmprune.patched(model, method="damro", alpha=0.0), torch.no_grad():
@@ -344,10 +425,27 @@ def test_bfloat16_static_cache_and_several_samples(family):
         dyn = model.generate(
             **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
-        assert dyn.logits[0].dtype == torch.float32
-        static = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
-        assert torch.equal(static, dyn.sequences)
-        many = model.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=3)
-        assert many.shape[0] == 3 * inputs["input_ids"].shape[0]
+        static = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            do_sample=False,
+            cache_implementation="static",
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        assert torch.equal(static.sequences, dyn.sequences)
+        for a, b in zip(static.logits, dyn.logits, strict=True):
+            assert_same_contrast(a, b, atol=1e-3)
+        many = model.generate(
+            **inputs,
+            max_new_tokens=1,
+            do_sample=True,
+            num_return_sequences=3,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        assert many.sequences.shape[0] == 3 * inputs["input_ids"].shape[0]
+        for row in range(many.sequences.shape[0]):  # every copy gets its sample's contrastive logits
+            assert_same_contrast(many.logits[0][row], dyn.logits[0][row // 3], atol=1e-3)
         kv = vlmprune.last_stats(model)["damro"]["branch_kv_bytes"]
         assert kv and kv > 0

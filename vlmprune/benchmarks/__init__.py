@@ -26,6 +26,7 @@ __all__ = [
     "first_word",
     "load_processor",
     "paired_difference",
+    "pope_answer",
     "pope_metrics",
     "prompt_inputs",
     "score",
@@ -108,28 +109,38 @@ def score(predictions: Sequence[str], rows: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def pope_answer(text: str) -> str:
+    """A free-form reply read as POPE's evaluation script reads it: ``"no"`` if its first sentence (commas removed,
+    split on spaces) contains the word ``no``, ``No`` or ``not``, else ``"yes"`` — so an off-topic reply counts as
+    a "yes"."""
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+
+
 def pope_metrics(predictions: Sequence[str], rows: Sequence[Any]) -> dict[str, Any] | None:
     """POPE metrics over the yes/no existence rows (``question_type == "exist"``), "yes" being the positive class.
 
-    Returns ``None`` when there are none, else ``accuracy``, ``precision``, ``recall``, ``f1``, ``yes_ratio`` (share
-    of "yes" answers: a hallucinating model says "yes" too often), ``n``, ``unanswered`` (first word neither yes
-    nor no; counted as wrong, and as "no" for precision / recall, as POPE's own script does), and the same per
-    ``subtype`` of the negatives (``adversarial`` / ``popular`` / ``random``, each with all the positives, as POPE
-    reports its three splits).
+    Replies are read with POPE's own rule (:func:`pope_answer`). Returns ``None`` when there are no such rows,
+    else ``accuracy``, ``precision``, ``recall``, ``f1``, ``yes_ratio`` (share of "yes": a hallucinating model
+    says "yes" too often), ``n``, ``unanswered`` (replies whose first word is neither yes nor no; POPE reads them
+    as "yes", and so do these metrics, while :func:`score`'s exact-match accuracy counts them wrong), and the same
+    per ``subtype`` of the negatives (``adversarial`` / ``popular`` / ``random``, each with all the positives, as
+    POPE reports its three splits).
     """
     pairs = [
-        (first_word(p), first_word(r["answer"]), r.get("subtype"))
+        (pope_answer(p), first_word(r["answer"]), r.get("subtype"), first_word(p))
         for p, r in zip(predictions, rows, strict=True)
         if r["question_type"] == "exist"
     ]
     if not pairs:
         return None
 
-    def metrics(sel: list[tuple[str, str, Any]]) -> dict[str, Any]:
-        tp = sum(p == "yes" and a == "yes" for p, a, _ in sel)
-        fp = sum(p == "yes" and a == "no" for p, a, _ in sel)
-        fn = sum(p != "yes" and a == "yes" for p, a, _ in sel)
-        correct = sum(p == a for p, a, _ in sel)
+    def metrics(sel: list[tuple[str, str, Any, str]]) -> dict[str, Any]:
+        tp = sum(p == "yes" and a == "yes" for p, a, _, _ in sel)
+        fp = sum(p == "yes" and a == "no" for p, a, _, _ in sel)
+        fn = sum(p == "no" and a == "yes" for p, a, _, _ in sel)
+        correct = sum(p == a for p, a, _, _ in sel)
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
         return {
@@ -137,14 +148,14 @@ def pope_metrics(predictions: Sequence[str], rows: Sequence[Any]) -> dict[str, A
             "precision": prec,
             "recall": rec,
             "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-            "yes_ratio": sum(p == "yes" for p, _, _ in sel) / len(sel),
+            "yes_ratio": sum(p == "yes" for p, _, _, _ in sel) / len(sel),
             "n": len(sel),
-            "unanswered": sum(p not in ("yes", "no") for p, _, _ in sel),
+            "unanswered": sum(w not in ("yes", "no") for _, _, _, w in sel),
         }
 
     out = metrics(pairs)
     positives = [x for x in pairs if x[1] == "yes"]
-    subtypes = sorted({s for _, a, s in pairs if a == "no" and s is not None})
+    subtypes = sorted({s for _, a, s, _ in pairs if a == "no" and s is not None})
     out["per_subtype"] = {s: metrics(positives + [x for x in pairs if x[1] == "no" and x[2] == s]) for s in subtypes}
     return out
 

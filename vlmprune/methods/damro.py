@@ -7,7 +7,7 @@ given the whole image with the logits given *only those outlier tokens*::
     l      = logits(y_t | all vision tokens, text, y_<t)        # the main branch
     l_cd   = logits(y_t | the k outlier tokens only, text, y_<t) # the contrastive branch, its own KV cache
     keep   = l >= log(beta) + max(l)                             # adaptive plausibility (p >= beta * p_max)
-    l_out  = (1 + alpha) * l - alpha * l_cd   on keep, -inf elsewhere
+    l_out  = (1 + alpha) * l - alpha * l_cd   on keep, -inf elsewhere (here: a finite floor far below, see below)
 
 It is a decoding method, not a token-reduction one: the main branch keeps every token unless ``prune`` names a
 pruning method, which then prunes the main branch exactly as that method alone would (DAMRO on top of fewer
@@ -37,9 +37,14 @@ Faithfulness (see the project's ``shared/methods.md`` §4 for the official code)
   top_k=0)``.
 * ``alpha=0`` switches DAMRO off entirely (no plausibility cut, no second branch): outputs equal the underlying
   (or pruned) model's exactly, greedy or sampled.
-* Contrast applies to ``generate()`` (greedy and sampling, batches with padding, ``num_return_sequences``).
-  A plain ``model(**inputs)`` call returns the underlying (or pruned) model's logits. Beam search and assisted
-  decoding are refused with a clear error (the second cache would not follow beam reordering / crops).
+* Implausible tokens get a finite floor far below every plausible one instead of ``-inf`` (identical for any
+  sampler or argmax), so a later processor that bans every plausible token falls back to the main branch's ranking
+  rather than producing an all ``-inf`` row (see :func:`contrast_logits`).
+* Contrast applies to ``generate()`` (greedy and sampling, left-padded batches, ``num_return_sequences``, static
+  caches); rows without an image in a mixed batch are not contrasted (as when run alone). A plain
+  ``model(**inputs)`` call returns the underlying (or pruned) model's logits. Beam search, assisted decoding and
+  right-padded batches are refused with a clear error (the second cache would not follow beam reordering / crops;
+  generate() reads every row's next token from the last column).
 """
 
 from __future__ import annotations
@@ -106,6 +111,10 @@ def select_outliers(scores: torch.Tensor, k: int, order: str = "score") -> torch
     return idx.sort().values if order == "raster" else idx
 
 
+#: how far below the lowest plausible contrastive logit the implausible tokens are put (see contrast_logits)
+FLOOR_MARGIN = 1e4
+
+
 def contrast_logits(logits: torch.Tensor, logits_cd: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """DAMRO / VCD contrastive logits with the adaptive plausibility constraint.
 
@@ -117,14 +126,21 @@ def contrast_logits(logits: torch.Tensor, logits_cd: torch.Tensor, alpha: float,
             ``-inf`` (``beta=0`` keeps all).
 
     Returns:
-        ``(..., V)`` float32 ``(1 + alpha) * logits - alpha * logits_cd`` on the plausible set, ``-inf`` elsewhere.
-        The main branch's most likely token is always plausible, so a row is never all ``-inf``.
+        ``(..., V)`` float32 ``(1 + alpha) * logits - alpha * logits_cd`` on the plausible set (which always holds the
+        main branch's most likely token). The paper sets the other tokens to ``-inf``; here they get a finite
+        floor, ``FLOOR_MARGIN`` (1e4) below the lowest plausible value and ordered by the main branch's logits:
+        no softmax or argmax can tell the difference (``exp(-1e4)`` is 0 in float32), but when a later logits
+        processor bans every plausible token (``suppress_tokens``, ``no_repeat_ngram_size``, ``min_new_tokens``
+        blocking EOS) decoding falls back to the main branch's ranking instead of an all ``-inf`` row (greedy would
+        emit token 0, sampling would crash).
     """
     main, cd = logits.float(), logits_cd.float()
     out = (1.0 + alpha) * main - alpha * cd
     if beta > 0:
-        cutoff = math.log(beta) + main.amax(dim=-1, keepdim=True)
-        out = out.masked_fill(main < cutoff, float("-inf"))
+        top = main.amax(dim=-1, keepdim=True)
+        implausible = main < math.log(beta) + top
+        lowest = out.masked_fill(implausible, float("inf")).amin(dim=-1, keepdim=True)
+        out = torch.where(implausible, lowest - FLOOR_MARGIN + (main - top), out)
     return out
 
 
@@ -133,8 +149,8 @@ class DamroConfig(PruneConfig):
     """DAMRO settings (defaults = the official code's ``run_*.py``: alpha 2, beta 0.1, 10 outliers per image).
 
     Attributes:
-        keep: budget of the *main* branch's pruning (see ``prune``); ``1.0`` (default) keeps every token, as the
-            paper does.
+        keep: budget of the *main* branch's pruning (see ``prune``). Default: every token without ``prune`` (as the
+            paper), the pruning method's own default with it (e.g. FastV's 0.5).
         top_k: outlier tokens per image fed to the contrastive branch (official 10 of LLaVA's 576; 4 for
             InstructBLIP's 256).
         alpha: contrast weight (``0`` turns DAMRO off and gives the underlying model's outputs exactly).
@@ -149,7 +165,7 @@ class DamroConfig(PruneConfig):
 
     name = "damro"
 
-    keep: float | int = 1.0
+    keep: float | int | None = None
     top_k: int = 10
     alpha: float = 2.0
     beta: float = 0.1
@@ -168,12 +184,26 @@ class DamroConfig(PruneConfig):
             if isinstance(self.prune, DamroConfig):
                 raise ConfigError("prune= cannot be another DAMRO config; name a pruning method (e.g. 'hiprune').")
             self.prune.validate()
-            if self.keep not in (1.0, self.prune.keep):
+            if self.keep is not None and self.keep != self.prune.keep:
                 raise ConfigError(
                     f"keep={self.keep!r} conflicts with the prune config's keep={self.prune.keep!r}: with a config "
                     "object in prune=, set keep on that object."
                 )
+            if self.position_mode not in ("auto", self.prune.position_mode):
+                raise ConfigError(
+                    f"position_mode={self.position_mode!r} conflicts with the prune config's "
+                    f"{self.prune.position_mode!r}: with a config object in prune=, set it on that object."
+                )
             self.keep = self.prune.keep
+        elif self.keep is None:  # every token without pruning; the pruning method's own default with it
+            if isinstance(self.prune, str):
+                from ..methods import METHODS
+
+                if self.prune == "damro":
+                    raise ConfigError("prune='damro' is not valid: name a pruning method (e.g. 'hiprune').")
+                self.keep = METHODS.get(self.prune)().keep
+            else:
+                self.keep = 1.0
         super().validate()
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
