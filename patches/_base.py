@@ -100,6 +100,8 @@ class PrefillView:
         position_ids: the positions the model passed (``(B, L)``, or ``(3|4, B, L)`` for M-RoPE), or ``None``.
         right_padded: whether the batch is padded on the right.
         mrope: whether positions are multi-axis (Qwen-VL).
+        extra: the LLM's other per-token inputs (Qwen3-VL's ``visual_pos_masks`` / ``deepstack_visual_embeds``),
+            to be gathered with ``adapter.gather_extra`` like the sequence.
     """
 
     embeds: torch.Tensor
@@ -108,6 +110,7 @@ class PrefillView:
     position_ids: torch.Tensor | None
     right_padded: bool
     mrope: bool
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -245,6 +248,17 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def gather_extra(self, kwargs: dict[str, Any], idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
+        """Prune the LLM's other per-token inputs like the sequence (``idx`` ``(B, L')`` gathers original positions,
+        ``slot_valid`` marks real slots), in place in ``kwargs``. Families whose LLM takes some (Qwen3-VL's
+        DeepStack) override this; by default such inputs are refused rather than left inconsistent."""
+        for name in ("visual_pos_masks", "deepstack_visual_embeds"):
+            if kwargs.get(name) is not None:
+                raise UnsupportedModelError(
+                    f"the language model received {name!r}, which the {type(self).__name__} does not prune "
+                    "consistently; use the adapter for this model_type."
+                )
+
     def fallback_item(self, kind: str, feature: torch.Tensor, call: _Call, index: int, model: nn.Module) -> VisionItem:
         """Describe a pre-encoded item the user passed in ``mm_encoder_outputs`` (no pixels seen)."""
         n = int(feature.shape[0])
@@ -291,6 +305,7 @@ class PatchState:
         self._labels_given = False
         #: True while a method runs the language model for itself (DAMRO's contrastive branch): hooks stand aside
         self.passthrough = False
+        self._encoding = False  # inside a get_{image,video}_features call
         self._vlm_sig = inspect.signature(self.vlm.forward)
         self._top_sig = inspect.signature(model.forward)
 
@@ -393,8 +408,14 @@ class PatchState:
 
         @functools.wraps(original)
         def get_features(*args: Any, **kwargs: Any) -> Any:
+            if self._encoding:  # Qwen3-VL's get_video_features calls get_image_features: the outer call describes
+                return original(*args, **kwargs)
             self.method.begin_encode(kind)
-            out = original(*args, **kwargs)
+            self._encoding = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._encoding = False
             feats = getattr(out, "pooler_output", out)
             if isinstance(feats, torch.Tensor):
                 feats = list(feats)  # older releases: one batched tensor
@@ -686,8 +707,9 @@ class PatchState:
             keep &= ~m
         segments = self._segments(call, vis)
         right_padded = am is not None and bool((~real[:, -1]).any()) and bool(real[:, 0].all())
+        extra = {k: kwargs[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if kwargs.get(k) is not None}
         self.method.observe_prefill(
-            PrefillView(emb, real, segments, kwargs.get("position_ids"), right_padded, self.adapter.mrope)
+            PrefillView(emb, real, segments, kwargs.get("position_ids"), right_padded, self.adapter.mrope, extra)
         )
         if not self.method.prunes_at_entry:
             return self._plan_in_llm(segments, real, t0)
@@ -743,7 +765,7 @@ class PatchState:
             next_pos = full.masked_fill(~real, -1).amax(-1) + 1
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(Lp, device=kwargs["cache_position"].device)
-        self._gather_extra(kwargs, keep, idx, vis)
+        self.adapter.gather_extra(kwargs, idx, slot_valid)
         dropped_at = (real & ~keep).nonzero()
         last_dropped = int(dropped_at[:, 1].max()) if dropped_at.numel() else -1
         self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous, next_pos, last_dropped, seen=Lp)
@@ -778,15 +800,6 @@ class PatchState:
             )
         self.method.plan_prefill(plan, real, per_image)
         return None
-
-    def _gather_extra(self, kwargs: dict, keep: torch.Tensor, idx: torch.Tensor, vis: dict[str, torch.Tensor]) -> None:
-        """Hook for families whose LLM takes more per-token inputs (Qwen3-VL DeepStack)."""
-        for name in ("visual_pos_masks", "deepstack_visual_embeds"):
-            if kwargs.get(name) is not None:
-                raise UnsupportedModelError(
-                    f"the language model received {name!r}, which this adapter does not prune consistently; use "
-                    "the adapter for this model_type."
-                )
 
     def _write_stats(self, per_image: list[dict], n_real: torch.Tensor, n_keep: torch.Tensor, dt: float) -> None:
         self.stats = {

@@ -195,7 +195,11 @@ class ContrastBranch:
         else:  # a fresh, shorter sequence, numbered 0.. (the official code)
             pos_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
             next_pos = valid.long().sum(-1)
+        extra = dict(view.extra)  # Qwen3-VL: the outliers keep their own DeepStack rows
+        if extra:
+            self.adapter.gather_extra(extra, idx, valid)
         s.pending = {
+            "extra": extra,
             "embeds": emb.gather(1, idx[..., None].expand(-1, -1, emb.shape[-1])),
             "mask": valid.long(),
             "positions": pos_ids,
@@ -204,12 +208,15 @@ class ContrastBranch:
         s.valid, s.length, s.next_pos, s.steps, s.has_image = valid, L, next_pos, 0, has_image
 
     # ---- the branch's forward and the contrast -------------------------------------------------------------
-    def _run_lm(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+    def _run_lm(
+        self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, **extra: Any
+    ) -> Any:
         kwargs: dict[str, Any] = {
             "inputs_embeds": embeds,
             "attention_mask": mask,
             "position_ids": positions,
             "use_cache": True,
+            **extra,
         }
         if cache is not None:
             kwargs[self.cache_kw] = cache
@@ -229,7 +236,7 @@ class ContrastBranch:
             return None
         if s.pending is not None:
             p, s.pending = s.pending, None
-            out = self._run_lm(p["embeds"], p["mask"], p["positions"], None)
+            out = self._run_lm(p["embeds"], p["mask"], p["positions"], None, **p["extra"])
             h = out.last_hidden_state[:, -1]
             s.cache, s.main_cache = output_cache(out), output_cache(output)
             self.ctx.stats["damro"] = {

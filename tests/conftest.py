@@ -18,8 +18,9 @@ SPECS: dict[str, list[list[Any]]] = {
     "llava": [[5, "image", 3], [2, "image", 4, "image", 1]],
     "qwen2_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
     "qwen2_5_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
+    "qwen3_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
 }
-MRoPE = {"qwen2_vl", "qwen2_5_vl"}
+MRoPE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 _MODELS: dict[str, torch.nn.Module] = {}
 

@@ -132,6 +132,11 @@ def _reference(model, inputs, outliers, alpha, beta, steps, mrope):
     img = (ids == model.config.image_token_id).nonzero().squeeze(-1)
     order = list(range(img[0])) + img[outliers].tolist() + list(range(int(img[-1]) + 1, len(ids)))
     cd_emb = emb[order]
+    stacks = probe.calls[0].get("deepstack_visual_embeds")  # Qwen3-VL: the outliers bring their own DeepStack rows
+    if stacks is not None:
+        cd_stacks = [d[outliers] for d in stacks]
+        cd_vis = torch.zeros(len(order), dtype=torch.bool)
+        cd_vis[int(img[0]) : int(img[0]) + len(outliers)] = True
     if mrope:
         cd_pos = pos[..., order]
         nxt = int(pos.max()) + 1
@@ -140,6 +145,8 @@ def _reference(model, inputs, outliers, alpha, beta, steps, mrope):
     for t in range(steps):
         full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], torch.tensor([gen], dtype=torch.long)], 1))
         full["attention_mask"] = torch.ones_like(full["input_ids"])
+        if mrope:  # positions given: some releases' get_rope_index trips over a generated <vision_start> id
+            full["position_ids"] = torch.cat([pos, torch.arange(nxt, nxt + t).expand(*pos.shape[:-1], t)], -1)
         if "mm_token_type_ids" in inputs:
             full["mm_token_type_ids"] = torch.cat(
                 [inputs["mm_token_type_ids"], torch.zeros(1, t, dtype=torch.long)], 1
@@ -150,7 +157,11 @@ def _reference(model, inputs, outliers, alpha, beta, steps, mrope):
             p = torch.cat([cd_pos, torch.arange(nxt, nxt + t).expand(*cd_pos.shape[:-1], t)], -1)
         else:
             p = torch.arange(seq.shape[0])[None]
-        cd = model.lm_head(lm(inputs_embeds=seq[None], position_ids=p).last_hidden_state[0, -1])
+        extra = {}
+        if stacks is not None:
+            mask = torch.cat([cd_vis, torch.zeros(t, dtype=torch.bool)])[None]
+            extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": cd_stacks}
+        cd = model.lm_head(lm(inputs_embeds=seq[None], position_ids=p, **extra).last_hidden_state[0, -1])
         m = _mix(main, cd, alpha, beta)
         mixed.append(m)
         gen.append(int(m.argmax()))
@@ -180,7 +191,7 @@ def test_llava_matches_step_by_step_reference():
     _check_against_reference(model, inputs, got, ref_gen, ref_mixed)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_matches_step_by_step_reference(family):
     """Qwen: outliers keep their original M-RoPE positions and decoding continues at max + 1 (score='norm' so
     the outliers come from an independent computation: the norms of the image rows of inputs_embeds)."""

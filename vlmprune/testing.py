@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["FAMILIES", "LLAVA_SIZES", "tiny_model", "make_inputs"]
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 _VOCAB = 160
 _IMAGE, _VIDEO, _VSTART, _VEND, _PAD = 150, 151, 152, 153, 0
@@ -130,8 +130,11 @@ def tiny_model(
         kw.update(over)
         cfg = tf.LlavaConfig(**kw)
         cls = tf.LlavaForConditionalGeneration
-    elif family in ("qwen2_vl", "qwen2_5_vl"):
-        text = _text_cfg(rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0})
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0}
+        if family == "qwen3_vl":
+            rope["mrope_interleaved"] = True
+        text = _text_cfg(rope_parameters=rope)
         vision = dict(
             depth=2,
             hidden_size=64,
@@ -144,6 +147,17 @@ def tiny_model(
         if family == "qwen2_vl":
             vision.update(embed_dim=32, mlp_ratio=2)
             cfg_cls, cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+        elif family == "qwen3_vl":  # DeepStack, as in the real model: 3 ViT blocks feed LLM layers 0-2 (FastV's K=2)
+            vision.update(
+                depth=3,
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                num_position_embeddings=64,
+                deepstack_visual_indexes=[0, 1, 2],
+            )
+            text.update(head_dim=16)
+            cfg_cls, cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration
         else:
             vision.update(
                 intermediate_size=64, out_hidden_size=64, hidden_size=32, window_size=16, fullatt_block_indexes=[1]
@@ -221,8 +235,14 @@ def make_inputs(
                 t, h, w = spec[1:] if len(spec) > 1 else (2, 8, 8)
             n = t * h * w // (m * m)
             tok = _IMAGE if kind == "image" else _VIDEO
-            ids += [_VSTART] + [tok] * n + [_VEND]
-            tt += [0] + [1 if kind == "image" else 2] * n + [0]
+            if kind == "video" and family == "qwen3_vl":  # one <t> <start> frame <end> group per frame
+                per_frame = n // t
+                for _ in range(t):
+                    ids += [int(torch.randint(3, 100, (1,), generator=gen))] + [_VSTART] + [tok] * per_frame + [_VEND]
+                    tt += [0, 0] + [2] * per_frame + [0]
+            else:
+                ids += [_VSTART] + [tok] * n + [_VEND]
+                tt += [0] + [1 if kind == "image" else 2] * n + [0]
             patches = torch.randn(t * h * w, vc.in_channels * tp * p * p, generator=gen)
             (pixels if kind == "image" else vpixels).append(patches)
             (grids if kind == "image" else vgrids).append([t, h, w])

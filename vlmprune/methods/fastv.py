@@ -109,6 +109,9 @@ class FastVMethod(Method):
         ctx.register(layers[K - 1].self_attn.register_forward_pre_hook(self._rank, with_kwargs=True))
         for i in range(K, len(layers)):
             ctx.register(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        deepstack = getattr(lm, "_deepstack_process", None)
+        if callable(deepstack):  # Qwen3-VL adds ViT features at the vision positions of its first LLM layers
+            ctx.shadow(lm, "_deepstack_process", self._make_deepstack(deepstack, ctx.adapter))
 
     def detach(self) -> None:
         self.plan = self.rec = self.lm = self.model = self.ctx = None
@@ -199,6 +202,20 @@ class FastVMethod(Method):
             "q": 0,
             "pruned": None,
         }
+
+    def _make_deepstack(self, original: Any, adapter: Any) -> Any:
+        """DeepStack injections after layer K land on the pruned sequence: prune their mask and rows the same way
+        (layers < K see every token, as usual)."""
+
+        def deepstack_process(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: Any) -> Any:
+            rec = self.rec
+            if rec is not None and rec.get("idx") is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
+                kw = {"visual_pos_masks": visual_pos_masks, "deepstack_visual_embeds": [visual_embeds]}
+                adapter.gather_extra(kw, rec["idx"], rec["slot_valid"])
+                visual_pos_masks, visual_embeds = kw["visual_pos_masks"], kw["deepstack_visual_embeds"][0]
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        return deepstack_process
 
     # ---- layers >= K ----------------------------------------------------------------------------------------
     def _layer_hook(self, i: int) -> Any:

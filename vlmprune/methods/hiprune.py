@@ -39,7 +39,13 @@ from .base import ImageTokens, Method, Selection
 __all__ = ["HiPruneConfig", "hiprune_select", "buffer_cross", "PAPER_LAYERS"]
 
 # model_type -> (object layer, 1-based, in a tower of `depth` blocks, depth) from the official code
-PAPER_LAYERS: dict[str, tuple[int, int]] = {"llava": (9, 24), "qwen2_vl": (16, 32), "qwen2_5_vl": (16, 32)}
+# (no official Qwen3-VL setting: its 27-block tower gets the Qwen ratio, block 14)
+PAPER_LAYERS: dict[str, tuple[int, int]] = {
+    "llava": (9, 24),
+    "qwen2_vl": (16, 32),
+    "qwen2_5_vl": (16, 32),
+    "qwen3_vl": (16, 32),
+}
 
 
 def buffer_cross(anchors: torch.Tensor, grid: tuple[int, int, int], mode: str = "flat") -> torch.Tensor:
