@@ -62,6 +62,7 @@ def load_checkpoint(
         "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+        "fast_vlm": tf.FastVlmForConditionalGeneration,
     }
     if cfg.model_type not in classes:
         raise ValueError(f"{path}: model_type {cfg.model_type!r} is not one of {sorted(classes)}")

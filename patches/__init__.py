@@ -15,6 +15,7 @@ ADAPTERS.register("llava", "vlmprune.patches.llava:LlavaAdapter")
 ADAPTERS.register("qwen2_vl", "vlmprune.patches.qwen2_vl:Qwen2VLAdapter")
 ADAPTERS.register("qwen2_5_vl", "vlmprune.patches.qwen2_5_vl:Qwen25VLAdapter")
 ADAPTERS.register("qwen3_vl", "vlmprune.patches.qwen3_vl:Qwen3VLAdapter")
+ADAPTERS.register("fast_vlm", "vlmprune.patches.fast_vlm:FastVlmAdapter")
 
 
 def register_adapter(model_type: str, adapter_cls: str | type, *, replace: bool = False) -> None:

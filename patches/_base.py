@@ -417,8 +417,9 @@ class PatchState:
             finally:
                 self._encoding = False
             feats = getattr(out, "pooler_output", out)
-            if isinstance(feats, torch.Tensor):
-                feats = list(feats)  # older releases: one batched tensor
+            batched = feats if isinstance(feats, torch.Tensor) else None
+            if batched is not None:
+                feats = list(feats)  # one batched tensor (FastVLM; older releases)
             elif not (isinstance(feats, (list, tuple)) and all(isinstance(f, torch.Tensor) for f in feats)):
                 return out
             inputs = self._bind(sig, args, kwargs) if args else dict(kwargs)
@@ -430,6 +431,8 @@ class PatchState:
             self._encoded = {k: v for k, v in self._encoded.items() if v[0]() is not None}
             for f, item in zip(feats, items, strict=True):
                 self._encoded[id(f)] = (weakref.ref(f), item)
+            if batched is not None:  # generate() may hand the batched tensor back in mm_encoder_outputs
+                self._encoded[id(batched)] = (weakref.ref(batched), items)
             if self.call is not None:
                 self.call.encoded[kind] = items
             return out
@@ -444,6 +447,9 @@ class PatchState:
         feats = getattr(enc, "pooler_output", None)
         if feats is None:
             return []
+        entry = self._encoded.get(id(feats))
+        if isinstance(feats, torch.Tensor) and entry is not None and entry[0]() is feats:
+            return entry[1]  # a batched tensor this patch encoded
         items = []
         for i, f in enumerate(feats):
             entry = self._encoded.get(id(f))

@@ -19,6 +19,7 @@ SPECS: dict[str, list[list[Any]]] = {
     "qwen2_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
     "qwen2_5_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
     "qwen3_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
+    "fast_vlm": [[5, "image", 3], [2, "image", 4, "image", 1]],
 }
 MRoPE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
@@ -45,6 +46,21 @@ def model(family: str):
     yield m
     if vlmprune.is_patched(m):
         vlmprune.unpatch(m)
+
+
+def supports(model: torch.nn.Module, method: str) -> bool:
+    """Whether ``model``'s adapter provides the vision-tower signals ``method`` needs (FastVLM has no ViT
+    attention for HiPrune / VisionZip; tests/test_api.py checks the refusal)."""
+    from vlmprune.patches import ADAPTERS
+
+    needs = vlmprune.make_config(method).build().requires
+    return set(needs) <= set(ADAPTERS.get(model.config.model_type).provides)
+
+
+def require(model: torch.nn.Module, method: str) -> None:
+    """Skip a test of ``method`` on a model whose adapter cannot provide what it needs (refused, not run)."""
+    if not supports(model, method):
+        pytest.skip(f"{method} needs a ViT signal the {model.config.model_type} adapter does not provide")
 
 
 def inputs_for(model: torch.nn.Module, spec: list[list[Any]] | None = None, **kw: Any) -> dict[str, torch.Tensor]:

@@ -118,7 +118,8 @@ def test_unsupported_model_lists_supported():
     llm = tf.LlamaForCausalLM(
         tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     )
-    with pytest.raises(vlmprune.UnsupportedModelError, match=r"'llama'.*Supported model types: llava, qwen2_5_vl"):
+    listed = r"'llama'.*Supported model types: fast_vlm, llava, qwen2_5_vl"
+    with pytest.raises(vlmprune.UnsupportedModelError, match=listed):
         vlmprune.patch(llm, method="uniform", keep=0.5)
     with pytest.raises(vlmprune.UnsupportedModelError, match="transformers model"):
         vlmprune.patch(torch.nn.Linear(2, 2), method="uniform", keep=0.5)
@@ -293,3 +294,33 @@ def test_failed_install_leaves_nothing_behind():
     finally:
         del model.model.__dict__["get_placeholder_mask"]
     assert hook_snapshot(model) == before
+
+
+def test_methods_needing_vit_signals_are_refused_where_unavailable():
+    """What conftest.require skips is refused by patch() with a clear error, never run half-way."""
+    from conftest import supports
+
+    from vlmprune.testing import FAMILIES
+
+    refused = []
+    for family in FAMILIES:
+        model = get_model(family)
+        for method in vlmprune.list_methods():
+            if supports(model, method):
+                continue
+            with pytest.raises(vlmprune.UnsupportedModelError, match=rf"method '{method}' needs \['vit_attention'\]"):
+                vlmprune.patch(model, method=method)
+            assert not vlmprune.is_patched(model)
+            refused.append((family, method))
+    assert ("fast_vlm", "hiprune") in refused and ("fast_vlm", "visionzip") in refused
+    assert all(f == "fast_vlm" for f, _ in refused), refused  # the ViT families support every method
+
+
+def test_fast_vlm_grid_from_the_feature_map():
+    """FastVLM's tokens are its encoder's feature map in raster order: the grid comes from the image size."""
+    model = get_model("fast_vlm")
+    inputs = inputs_for(model, [[3, "image", 2]])
+    with vlmprune.patched(model, method="pool", keep=4), torch.no_grad():
+        model(**inputs)
+        image = vlmprune.last_stats(model)["images"][0]
+    assert image["grid"] == [1, 4, 4] and image["tokens_out"] == 4

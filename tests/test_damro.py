@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import LLMProbe, get_model, hook_snapshot, inputs_for, sequence, valid_slots
+from conftest import LLMProbe, get_model, hook_snapshot, inputs_for, require, sequence, valid_slots
 
 import vlmprune
 from vlmprune.config import resolve_budget
@@ -220,6 +220,8 @@ def test_qwen_matches_step_by_step_reference(family):
 @pytest.mark.parametrize("prune", [None, "uniform", "hiprune", "fastv"])
 def test_alpha_zero_is_the_underlying_model(model, prune):
     """alpha=0: greedy and sampled outputs equal the unpatched model's (or the pruning method's alone)."""
+    if prune:
+        require(model, prune)
     inputs = inputs_for(model)
     kw = dict(prune=prune, keep=0.25) if prune else {}
 
@@ -261,6 +263,8 @@ def test_plain_forward_is_not_contrasted_and_unpatch_restores(model):
 @pytest.mark.parametrize("prune", [None, "hiprune"])
 def test_batch_equals_singles(model, prune):
     """A left-padded batch (one row with two images) gives each sample's tokens and contrastive logits alone."""
+    if prune:
+        require(model, prune)
     from test_conformance import _take_last
 
     spec = inputs_for.__globals__["SPECS"][model.config.model_type]
@@ -359,6 +363,8 @@ def test_beta_one_keeps_the_main_branch_choice(model, prune):
     """With beta=1 only the main branch's best token is plausible, so greedy DAMRO (alpha > 0, second branch
     running) must give exactly the tokens of the model (or the pruning method) alone: the branch disturbs nothing,
     FastV's in-LLM hooks included."""
+    if prune:
+        require(model, prune)
     inputs = inputs_for(model)
     kw = dict(prune=prune, keep=0.25) if prune else {}
     if prune:

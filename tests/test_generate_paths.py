@@ -18,6 +18,7 @@ UNPADDED = {
     "qwen2_vl": [[2, ("image", 8, 8), 14], [2, ("image", 4, 4), 26]],
     "qwen2_5_vl": [[2, ("image", 8, 8), 14], [2, ("image", 4, 4), 26]],
     "qwen3_vl": [[2, ("image", 8, 8), 14], [2, ("image", 4, 4), 26]],
+    "fast_vlm": [[16, "image", 4], [2, "image", 2, "image"]],
 }
 
 

@@ -85,7 +85,8 @@ def patch(model: Any, method: str | PruneConfig | None = None, *, replace: bool 
 
     Args:
         model: a loaded transformers VLM (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
-            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``; see
+            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            ``FastVlmForConditionalGeneration``; see
             :func:`list_supported_models`), possibly dispatched with a
             ``device_map`` or wrapped by PEFT.
         method: a method name (see :func:`list_methods`) or a config object such as ``UniformConfig(keep=64)``.

@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["FAMILIES", "LLAVA_SIZES", "tiny_model", "make_inputs"]
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "fast_vlm")
 
 _VOCAB = 160
 _IMAGE, _VIDEO, _VSTART, _VEND, _PAD = 150, 151, 152, 153, 0
@@ -176,6 +176,18 @@ def tiny_model(
         cfg = cfg_cls(**kw)
         if size != "tiny":
             raise ValueError(f"size={size!r} exists for llava only; Qwen families come in size='tiny'")
+    elif family == "fast_vlm":
+        # a native ConvNeXt (no timm) stands in for FastViTHD: a 32 px image -> a 4 x 4 feature map (stride 8)
+        vision = tf.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], patch_size=4, image_size=32)
+        vision.hidden_size = vision.hidden_sizes[-1]  # what FastVLM's projector reads (timm configs have it)
+        kw = dict(vision_config=vision, text_config=tf.Qwen2Config(**_text_cfg()), image_token_index=_IMAGE)
+        kw.update(over)
+        cfg = tf.FastVlmConfig(**kw)
+        cls = tf.FastVlmForConditionalGeneration
+        if size != "tiny":
+            raise ValueError(f"size={size!r} exists for llava only")
+        # the conv tower has no attention to choose; the LLM keeps the requested one
+        attn_implementation = {"": attn_implementation, "text_config": attn_implementation, "vision_config": "eager"}
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
@@ -217,6 +229,16 @@ def make_inputs(
                 continue
             spec = (item,) if isinstance(item, str) else tuple(item)
             kind = spec[0]
+            if family == "fast_vlm":
+                if kind != "image":
+                    raise ValueError("FastVLM takes images only")
+                size = cfg.vision_config.image_size
+                stride = cfg.vision_config.patch_size * 2 ** (cfg.vision_config.num_stages - 1)
+                n = (size // stride) ** 2
+                ids += [_IMAGE] * n
+                tt += [1] * n
+                pixels.append(torch.randn(3, size, size, generator=gen))
+                continue
             if family == "llava":
                 if kind != "image":
                     raise ValueError("LLaVA takes images only")
@@ -250,7 +272,7 @@ def make_inputs(
         types.append(tt)
     input_ids, attention_mask, mm_types = _pad(rows, types, padding_side)
     out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if family == "llava":
+    if family in ("llava", "fast_vlm"):
         if pixels:
             out["pixel_values"] = torch.stack(pixels).to(dtype)
         return out
