@@ -78,7 +78,15 @@ def test_contrast_logits_definition():
 
 
 def test_config_validation_and_roundtrip():
-    for bad in (dict(alpha=-1), dict(beta=1.5), dict(top_k=0), dict(score="cls"), dict(order="x"), dict(keep=0.25)):
+    for bad in (
+        dict(alpha=-1),
+        dict(beta=1.5),
+        dict(top_k=0),
+        dict(score="cls"),
+        dict(order="x"),
+        dict(keep=0.25),
+        dict(keep=1),  # an int is a token count: one token, which needs a pruning method
+    ):
         with pytest.raises(ConfigError):
             DamroConfig(**bad)
     with pytest.raises(vlmprune.errors.UnknownMethodError, match="Did you mean 'hiprune'"):

@@ -224,7 +224,7 @@ class DamroConfig(PruneConfig):
             raise ConfigError(f"order={self.order!r} is not valid: choose one of {_ORDERS}.")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ConfigError(f"layer={self.layer!r} is not valid: a Python index of a ViT block, or None.")
-        if self.prune is None and self.keep != 1.0:
+        if self.prune is None and (isinstance(self.keep, int) or self.keep != 1.0):  # (an int 1 is ONE token)
             raise ConfigError(
                 f"keep={self.keep!r} needs a pruning method for the main branch: DAMRO itself keeps every token. "
                 "Pass prune='uniform' (or 'hiprune', 'visionzip', ...) together with keep."
