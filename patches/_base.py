@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import threading
 import time
 import weakref
 from typing import Any, ClassVar
@@ -306,6 +307,10 @@ class PatchState:
         #: True while a method runs the language model for itself (DAMRO's contrastive branch): hooks stand aside
         self.passthrough = False
         self._encoding = False  # inside a get_{image,video}_features call
+        self._call_thread: int | None = None  # the thread whose forward is in flight (self.call)
+        # every cache a pruned prefill filled (weakly): a decode step on one of them that is not the current
+        # record's means two generations were interleaved on this model -> refused, never run unpruned
+        self._pruned_caches: weakref.WeakSet = weakref.WeakSet()
         self._vlm_sig = inspect.signature(self.vlm.forward)
         self._top_sig = inspect.signature(model.forward)
 
@@ -323,7 +328,8 @@ class PatchState:
         m, vlm, lm = self.model, self.vlm, self.lm
         self.handles.append(m.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(vlm.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
-        self.handles.append(vlm.register_forward_hook(self._vlm_post, with_kwargs=True))
+        # always_call: the in-flight call is cleared even when the forward raises (see _vlm_pre's thread check)
+        self.handles.append(vlm.register_forward_hook(self._vlm_post, with_kwargs=True, always_call=True))
         self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self.handles.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
         self.shadow(vlm, "get_placeholder_mask", self._make_placeholder_shadow(vlm.get_placeholder_mask))
@@ -460,11 +466,21 @@ class PatchState:
         return items
 
     def _vlm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        me = threading.get_ident()
+        if self.call is not None and self._call_thread != me:
+            raise UnsupportedInputError(
+                "this patched model is already running a forward in another thread. A patched model keeps per-call "
+                "state, so one model cannot serve two threads at once: give each thread its own model (patched "
+                "models in different threads are fine), or serialise the calls."
+            )
         kw = self._bind(self._vlm_sig, args, kwargs)
         self.call = _Call(expects_vision=self._has_vision(kw), kwargs=kw)
+        self._call_thread = me
 
     def _vlm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self.call = self.call, None
+        if output is None:  # the forward raised (always_call): its own error is the one to see
+            return
         if call is not None and call.expects_vision and not call.prefill_done:
             raise PatchBypassedError(
                 f"Images reached the patched {type(self.model).__name__} but vlmprune's pruning path did not run "
@@ -550,6 +566,7 @@ class PatchState:
             if cache is None:
                 self.record = None
             else:
+                self._pruned_caches.add(cache)
                 self._shadow_crop(cache)
 
     def _shadow_crop(self, cache: Any) -> None:
@@ -826,6 +843,12 @@ class PatchState:
         cache = cache_of(kwargs)
         clen = _cache_len(cache)
         rec = self._record_for(cache)
+        if rec is None and clen and cache in self._pruned_caches:
+            raise UnsupportedInputError(
+                "this decode step continues a pruned generation that another prefill on the same model has since "
+                "replaced (two generations interleaved, e.g. from two threads). vlmprune follows one generation "
+                "per model at a time: give each concurrent generation its own model."
+            )
         if rec is None or clen == 0:
             if clen == 0:
                 self.record = None

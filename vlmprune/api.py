@@ -100,6 +100,11 @@ def patch(model: Any, method: str | PruneConfig | None = None, *, replace: bool 
         UnknownMethodError, ConfigError, UnsupportedModelError, UnsupportedVersionError, AlreadyPatchedError.
     """
     config = make_config(method, **options)
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise UnsupportedModelError(
+            "vlmprune.patch got a torch.compile'd model: its compiled graph would not see the patch's hooks. Patch "
+            "the model first, then compile it: vlmprune.patch(model, ...); model = torch.compile(model)."
+        )
     target = _unwrap(model)
     cfg = getattr(target, "config", None)
     model_type = getattr(cfg, "model_type", None)

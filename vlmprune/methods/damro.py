@@ -175,6 +175,11 @@ class DamroConfig(PruneConfig):
     prune: str | PruneConfig | None = None
 
     def validate(self) -> None:
+        if not (self.prune is None or isinstance(self.prune, (str, dict, PruneConfig))):
+            raise ConfigError(
+                f"prune={self.prune!r} is not valid: a pruning method's name (e.g. 'hiprune'), its config object "
+                "(e.g. vlmprune.HiPruneConfig(keep=0.11)), or None."
+            )
         if isinstance(self.prune, dict):  # from_dict / JSON round trip
             from ..api import make_config
 
