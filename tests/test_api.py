@@ -324,3 +324,14 @@ def test_fast_vlm_grid_from_the_feature_map():
         model(**inputs)
         image = vlmprune.last_stats(model)["images"][0]
     assert image["grid"] == [1, 4, 4] and image["tokens_out"] == 4
+
+
+def test_readme_supported_table_matches_the_registry():
+    """The README's supported-models table lists exactly the registered adapters (a new family must add its row)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("## What is supported", 1)[1].split("\n\n", 2)[1]
+    listed = re.findall(r"^\| `([a-z0-9_]+)`", table, flags=re.M)
+    assert sorted(listed) == vlmprune.list_supported_models()
