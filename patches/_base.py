@@ -306,7 +306,7 @@ class PatchState:
         self._labels_given = False
         #: True while a method runs the language model for itself (DAMRO's contrastive branch): hooks stand aside
         self.passthrough = False
-        self._encoding = False  # inside a get_{image,video}_features call
+        self._encoding: int | None = None  # the thread inside a get_{image,video}_features call
         self._call_thread: int | None = None  # the thread whose forward is in flight (self.call)
         # every cache a pruned prefill filled (weakly): a decode step on one of them that is not the current
         # record's means two generations were interleaved on this model -> refused, never run unpruned
@@ -414,14 +414,20 @@ class PatchState:
 
         @functools.wraps(original)
         def get_features(*args: Any, **kwargs: Any) -> Any:
-            if self._encoding:  # Qwen3-VL's get_video_features calls get_image_features: the outer call describes
-                return original(*args, **kwargs)
+            me = threading.get_ident()
+            if self._encoding is not None and self._encoding != me:
+                raise UnsupportedInputError(
+                    "this patched model is already encoding images in another thread. A patched model keeps "
+                    "per-call state, so one model cannot serve two threads at once: give each thread its own model."
+                )
+            if self._encoding is not None:  # Qwen3-VL's get_video_features calls get_image_features: the outer
+                return original(*args, **kwargs)  # call describes
             self.method.begin_encode(kind)
-            self._encoding = True
+            self._encoding = me
             try:
                 out = original(*args, **kwargs)
             finally:
-                self._encoding = False
+                self._encoding = None
             feats = getattr(out, "pooler_output", out)
             batched = feats if isinstance(feats, torch.Tensor) else None
             if batched is not None:
@@ -478,6 +484,8 @@ class PatchState:
         self._call_thread = me
 
     def _vlm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.call is not None and self._call_thread != threading.get_ident():
+            return  # a refused forward from another thread: the in-flight call is not ours to clear
         call, self.call = self.call, None
         if output is None:  # the forward raised (always_call): its own error is the one to see
             return
@@ -843,15 +851,19 @@ class PatchState:
         cache = cache_of(kwargs)
         clen = _cache_len(cache)
         rec = self._record_for(cache)
-        if rec is None and clen and cache in self._pruned_caches:
+        if clen == 0:  # a fresh (or reset, reused static) cache starts a new, unpruned sequence
+            if cache is not None:
+                self._pruned_caches.discard(cache)
+            if rec is not None or (self.record is not None and self.record.cache_ref is None):
+                self.record = None  # only the recorded cache's own restart (or a record its forward never bound)
+            return None
+        if rec is None and cache in self._pruned_caches:
             raise UnsupportedInputError(
-                "this decode step continues a pruned generation that another prefill on the same model has since "
-                "replaced (two generations interleaved, e.g. from two threads). vlmprune follows one generation "
-                "per model at a time: give each concurrent generation its own model."
+                "this decode step continues a pruned generation that a later prefill with images on the same model "
+                "has replaced (two generations interleaved, e.g. from two threads or a hand-written loop). vlmprune "
+                "follows one pruned generation per model at a time: finish it first, or use a second model."
             )
-        if rec is None or clen == 0:
-            if clen == 0:
-                self.record = None
+        if rec is None:
             return None
         emb = kwargs.get("inputs_embeds")
         q = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]

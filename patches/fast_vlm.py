@@ -42,12 +42,11 @@ class FastVlmAdapter(Adapter):
         self, kind: str, inputs: dict[str, Any], features: list[torch.Tensor], model: nn.Module
     ) -> list[VisionItem]:
         pixels = inputs.get("pixel_values")
-        items = []
-        for i, f in enumerate(features):
-            n = int(f.shape[0])
-            key = content_key(pixels[i]) if pixels is not None and len(pixels) == len(features) else content_key(f)
-            items.append(VisionItem(kind, n, self._grid(n, pixels), key))
-        return items
+        # keyed by the features' content (not the pixels'): generate() may hand back a repeated copy of the batched
+        # features (beams, num_return_sequences), which the fallback below keys the same way
+        return [
+            VisionItem(kind, int(f.shape[0]), self._grid(int(f.shape[0]), pixels), content_key(f)) for f in features
+        ]
 
     def fallback_item(self, kind: str, feature: torch.Tensor, call: _Call, index: int, model: nn.Module) -> VisionItem:
         n = int(feature.shape[0])

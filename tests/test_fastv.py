@@ -8,6 +8,7 @@ import torch
 from conftest import LLMProbe, get_model, inputs_for
 
 import vlmprune
+from vlmprune.testing import FAMILIES as FAMILIES_ALL
 from vlmprune.testing import tiny_model
 
 
@@ -141,3 +142,22 @@ def test_padded_batch_decode_logits_equal_singles(family):
             out_s = model.generate(**single, **kw)
             for step in range(4):
                 torch.testing.assert_close(out_b.logits[step][i], out_s.logits[step][0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES_ALL)
+def test_decode_when_the_longest_row_is_not_pruned(family):
+    """A text-only row longer than the pruned ones keeps Lp == L: the shorter rows' filler slots then include
+    dropped tokens, which decode steps must not attend to (they did: wrong logits from the second token on)."""
+    from test_conformance import _take_last
+
+    model = get_model(family)
+    img = "image" if family in ("llava", "fast_vlm") else ("image", 8, 8)
+    spec = [[40], [2, img, 3]]
+    batch = inputs_for(model, spec)
+    single = _take_last(inputs_for(model, [[], spec[1]]), 1, model)
+    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with vlmprune.patched(model, method="fastv", keep=0.25), torch.no_grad():
+        out_b = model.generate(**batch, **kw)
+        out_s = model.generate(**single, **kw)
+    for lb, ls in zip(out_b.logits, out_s.logits, strict=True):
+        torch.testing.assert_close(lb[1], ls[0], atol=1e-4, rtol=1e-4)

@@ -53,11 +53,22 @@ def test_deepstack_follows_the_kept_tokens(method):
     torch.testing.assert_close(model.lm_head(out.last_hidden_state[0, -1]), logits, atol=1e-5, rtol=1e-5)
 
 
-def test_fastv_prunes_deepstack_after_layer_k():
-    """FastV (K=2) with DeepStack on LLM layers 0-2: layer 2's injection lands on the pruned sequence."""
+@pytest.mark.parametrize("text_len", [40, 6])
+def test_fastv_prunes_deepstack_after_layer_k(text_len):
+    """FastV (K=2) with DeepStack on LLM layers 0-2 (and a layer 3 that reads the result): layer 2's injection lands
+    on the pruned sequence. A batch with a text-only row equals the image row alone, also when the text row is the
+    longest (the pruned length then equals the original one) and when it is not."""
+    from test_conformance import _take_last
+
     model = get_model("qwen3_vl")
-    inputs = inputs_for(model)
+    spec = [[text_len], [2, ("image", 8, 8), 3]]
+    batch = inputs_for(model, spec)
+    single = _take_last(inputs_for(model, [[], spec[1]]), 1, model)
     with vlmprune.patched(model, method="fastv", keep=0.25), torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        out_b = model(**batch).logits[1, -1]
+        out_s = model(**single).logits[0, -1]
+        gen_b = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        gen_s = model.generate(**single, max_new_tokens=3, do_sample=False)
         assert vlmprune.last_stats(model)["vision_tokens_out"] < vlmprune.last_stats(model)["vision_tokens_in"]
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    torch.testing.assert_close(out_b, out_s, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen_b[1, batch["input_ids"].shape[1] :], gen_s[0, single["input_ids"].shape[1] :])

@@ -156,7 +156,7 @@ def tiny_model(
                 num_position_embeddings=64,
                 deepstack_visual_indexes=[0, 1, 2],
             )
-            text.update(head_dim=16)
+            text.update(head_dim=16, num_hidden_layers=4)  # a layer after the last DeepStack one (FastV's K=2)
             cfg_cls, cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration
         else:
             vision.update(

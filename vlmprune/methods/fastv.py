@@ -209,7 +209,9 @@ class FastVMethod(Method):
 
         def deepstack_process(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: Any) -> Any:
             rec = self.rec
-            if rec is not None and rec.get("idx") is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
+            # after layer K's cut (whatever the lengths: a longest unpruned row keeps L unchanged)
+            cut = self.mode == "prefill" and rec is not None and rec.get("pruned") is not None
+            if cut and not self.ctx.passthrough:
                 kw = {"visual_pos_masks": visual_pos_masks, "deepstack_visual_embeds": [visual_embeds]}
                 adapter.gather_extra(kw, rec["idx"], rec["slot_valid"])
                 visual_pos_masks, visual_embeds = kw["visual_pos_masks"], kw["deepstack_visual_embeds"][0]
@@ -280,6 +282,9 @@ class FastVMethod(Method):
         if isinstance(mask, torch.Tensor) and mask.ndim == 4:
             mask = mask.expand(B, *mask.shape[1:])
             head = mask[..., :L].gather(-1, idx[:, None, None, :].expand(B, mask.shape[1], mask.shape[2], Lp))
+            # filler slots of shorter rows may point at dropped (real) tokens: they hold nothing to attend to
+            empty = ~valid[:, None, None, :]
+            head = head & ~empty if head.dtype == torch.bool else head.masked_fill(empty, torch.finfo(head.dtype).min)
             return torch.cat([head, mask[..., L:]], dim=-1)
         if mask is not None or bool(valid.all()):
             return mask
