@@ -418,18 +418,19 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
         )
         acc = {r["setting"]: r for r in ev}
 
-    @torch.inference_mode()
-    def prefill() -> Any:
-        # DAMRO contrasts inside generate() only: open its session so the timed prefill includes its branch
+    def contrasting() -> Any:
+        """DAMRO contrasts inside generate() only: open its session so a measured prefill includes its branch."""
         method = getattr(getattr(model, "_vlmprune_state", None), "method", None)
         branch = getattr(method, "branch", None)
-        with branch.contrasting() if branch is not None else contextlib.nullcontext():
+        return branch.contrasting() if branch is not None else contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def prefill() -> Any:
+        with contrasting():
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
     def counted_flops() -> dict[str, float]:
-        method = getattr(getattr(model, "_vlmprune_state", None), "method", None)
-        branch = getattr(method, "branch", None)
-        with branch.contrasting() if branch is not None else contextlib.nullcontext():
+        with contrasting():
             return stats.count_flops(model, inputs, use_cache=True, logits_to_keep=1)
 
     def label(m: str | None, k: Any) -> str:

@@ -368,12 +368,12 @@ def scene_questions(split: str, index: int) -> tuple[Any, Scene, list[dict[str, 
     return img, sc, qs
 
 
-def sample(split: str, index: int) -> dict[str, Any]:
-    """Row ``index`` of ``split``: one image and one question, of type ``QUESTION_TYPES[index % 5]``."""
+def _row(split: str, index: int, qtype: str, row_id: str) -> dict[str, Any]:
+    """Image ``index`` of ``split`` with its question of type ``qtype``, as a benchmark row."""
     img, sc, qs = scene_questions(split, index)
-    q = qs[index % len(QUESTION_TYPES)]
+    q = qs[QUESTION_TYPES.index(qtype)]
     return {
-        "id": f"{split}-{index:05d}",
+        "id": row_id,
         "image": img,
         "question": q["question"],
         "answer": q["answer"],
@@ -381,23 +381,18 @@ def sample(split: str, index: int) -> dict[str, Any]:
         "subtype": q["subtype"],
         "scene": json.dumps([asdict(o) for o in sc.objects]),
     }
+
+
+def sample(split: str, index: int) -> dict[str, Any]:
+    """Row ``index`` of ``split``: one image and one question, of type ``QUESTION_TYPES[index % 5]``."""
+    return _row(split, index, QUESTION_TYPES[index % len(QUESTION_TYPES)], f"{split}-{index:05d}")
 
 
 def pope_sample(split: str, index: int) -> dict[str, Any]:
     """Image ``index`` of ``split`` with its existence question (POPE style: half "yes", the "no" half split into
     adversarial / popular / random negatives, see ``subtype``), so a POPE evaluation gets one yes/no question on
     every scene of a split instead of every fifth."""
-    img, sc, qs = scene_questions(split, index)
-    q = qs[QUESTION_TYPES.index("exist")]
-    return {
-        "id": f"{split}-pope-{index:05d}",
-        "image": img,
-        "question": q["question"],
-        "answer": q["answer"],
-        "question_type": q["question_type"],
-        "subtype": q["subtype"],
-        "scene": json.dumps([asdict(o) for o in sc.objects]),
-    }
+    return _row(split, index, "exist", f"{split}-pope-{index:05d}")
 
 
 def build_dataset(split: str, n: int | None = None, start: int = 0) -> Any:
