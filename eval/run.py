@@ -329,26 +329,14 @@ def _analytic(
     model: Any, inputs: dict, n_vis_in: int, n_vis_out: int, method: str | None, keep: Any
 ) -> dict[str, float]:
     cfg = model.config
-    ids = inputs["input_ids"][0]
-    n_text = int(ids.shape[0]) - n_vis_in
-    if cfg.model_type == "llava":
-        vision, proj = stats.vision_flops(cfg, n_images=1)
-    else:
-        vision, proj = stats.vision_flops(cfg, grids=[tuple(int(v) for v in inputs["image_grid_thw"][0])])
-    tc = cfg.get_text_config()
+    n_text = int(inputs["input_ids"][0].shape[0]) - n_vis_in
+    grids = None
+    if cfg.model_type != "llava":
+        grids = [tuple(int(v) for v in inputs["image_grid_thw"][0])]
     mcfg = setting_config(method, keep) if method is not None else None
-    damro = mcfg if isinstance(mcfg, vlmprune.DamroConfig) else None
-    inner = damro.prune_config() if damro is not None else mcfg
-    if inner is not None and inner.name == "fastv":
-        llm, head, dec = stats.llm_flops_in_llm_pruning(tc, n_text + n_vis_in, n_text + n_vis_out, inner.layer)
-    else:
-        llm, head, dec = stats.llm_flops(tc, n_text + n_vis_out)
-    branch = 0.0
-    if damro is not None and damro.alpha > 0:  # the contrastive branch: text + top_k outliers, its own cache
-        b_llm, b_head, b_dec = stats.llm_flops(tc, n_text + min(damro.top_k, n_vis_in))
-        branch = b_llm + b_head
-        dec += b_dec
-    return stats.FlopBreakdown(vision, proj, llm, head, dec, branch).to_dict()
+    return stats.prefill_flops(
+        cfg, n_text=n_text, vision_in=n_vis_in, vision_out=n_vis_out, config=mcfg, n_images=1, grids=grids
+    ).to_dict()
 
 
 def _ideal(model: Any, inputs: dict, keep: Any) -> Any:

@@ -5,6 +5,12 @@
 #   VENV            where the venv lives (default: .venv in the repository)
 #   TRANSFORMERS    the transformers requirement to install (default: the newest tested release)
 #   TORCH           the torch requirement (default: torch==2.13.0, the CPU wheel available offline here)
+#   LMMS=1          also install the lmms extra (lmms-eval, for the plugin). lmms-eval requires torchvision, and pip
+#                   would otherwise pick the newest one, which pins a newer torch and pulls a multi-GB CUDA build:
+#                   torchvision is pinned to the release that matches the installed torch, and uninstalled again
+#                   when it does not import (PyPI's torchvision is a CUDA build that fails beside the CPU torch;
+#                   transformers then uses its PIL image processors). filelock<4: lmms-eval 0.7.3 imports
+#                   filelock._api, gone in filelock 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -16,5 +22,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "$TORCH"
-"${PIP[@]}" "$TORCH" "$TRANSFORMERS" -e ".[dev,eval,examples]"
+if [ "${LMMS:-0}" = "1" ]; then
+  tv=$("$VENV/bin/python" -W ignore -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.{v[2]}')")
+  "${PIP[@]}" "$TORCH" "$TRANSFORMERS" "torchvision==$tv" "filelock<4" -e ".[dev,eval,examples,lmms]"
+  if ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision
+  fi
+else
+  "${PIP[@]}" "$TORCH" "$TRANSFORMERS" -e ".[dev,eval,examples]"
+fi
 "$VENV/bin/python" -c "import torch, transformers, vlmprune; print('vlmprune', vlmprune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -3,6 +3,7 @@
 # in vlmprune/tested_versions.txt (newest in .venv, the others in throwaway .venv-tf<version>). Fails if pytest
 # collects no tests.
 #   ONLY_NEWEST=1   test the newest release only (quick local runs)
+#   SKIP_LMMS=1     skip the lmms-eval plugin's end-to-end tests (their venv, .venv-lmms, takes ~3 min to build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,6 +34,11 @@ for name in vlmprune.list_supported_models():
     ADAPTERS.get(name)
 print('wheel ok:', vlmprune.list_supported_models())")
 rm -rf "$tmp"
+if [ "${SKIP_LMMS:-0}" != "1" ]; then
+  echo "--- lmms-eval plugin, end to end (transformers $newest, the lmms extra in .venv-lmms)"
+  VENV=.venv-lmms LMMS=1 TRANSFORMERS="transformers==$newest" bash scripts/setup.sh
+  VLMPRUNE_REQUIRE_LMMS=1 run_pytest .venv-lmms/bin/python -q tests/test_lmms_eval.py
+fi
 if [ "${ONLY_NEWEST:-0}" != "1" ]; then
   for v in "${versions[@]}"; do
     [ "$v" = "$newest" ] && continue

@@ -35,6 +35,7 @@ __all__ = [
     "llm_flops",
     "llm_flops_in_llm_pruning",
     "vision_flops",
+    "prefill_flops",
     "register_cpu_sdpa_flops",
     "count_flops",
 ]
@@ -172,6 +173,49 @@ def vision_flops(
     if mt in ("qwen2_vl", "qwen2_5_vl"):
         return _qwen_vision_flops(vc, list(grids or []), window=mt == "qwen2_5_vl"), 0.0
     raise ValueError(f"no FLOP formula for model_type {mt!r}")
+
+
+def prefill_flops(
+    model_config: Any,
+    *,
+    n_text: int,
+    vision_in: int,
+    vision_out: int,
+    config: Any = None,
+    n_images: int = 0,
+    grids: list[tuple[int, int, int]] | None = None,
+    vit_layers: int | None = None,
+) -> FlopBreakdown:
+    """Analytic FLOPs of one prompt's prefill (batch 1) under a vlmprune config.
+
+    Args:
+        model_config: the VLM's config (``model.config``).
+        n_text: the prompt's text tokens (everything but the vision placeholders).
+        vision_in: vision tokens the processor emitted (placeholders in ``input_ids``).
+        vision_out: vision tokens that reach the LLM (FastV: the tokens of layers ``>= layer``); ``vision_in``
+            when unpatched.
+        config: the :class:`~vlmprune.PruneConfig` the model is patched with (``None``: unpatched). FastV counts
+            its first layers on all tokens; DAMRO adds its contrastive branch (text + ``top_k`` outliers) to
+            ``branch_prefill`` and to the decode step.
+        n_images / grids / vit_layers: the vision work, as in :func:`vision_flops`.
+
+    Raises:
+        ValueError: the model type has no FLOP formula (see :func:`vision_flops`).
+    """
+    vision, proj = vision_flops(model_config, n_images=n_images, grids=grids, vit_layers=vit_layers)
+    tc = model_config.get_text_config()
+    damro = config if getattr(config, "name", None) == "damro" else None
+    inner = damro.prune_config() if damro is not None else config
+    if inner is not None and inner.name == "fastv":
+        llm, head, dec = llm_flops_in_llm_pruning(tc, n_text + vision_in, n_text + vision_out, inner.layer)
+    else:
+        llm, head, dec = llm_flops(tc, n_text + vision_out)
+    branch = 0.0
+    if damro is not None and damro.alpha > 0:  # the contrastive branch: text + top_k outliers, its own cache
+        b_llm, b_head, b_dec = llm_flops(tc, n_text + min(damro.top_k, vision_in))
+        branch = b_llm + b_head
+        dec += b_dec
+    return FlopBreakdown(vision, proj, llm, head, dec, branch)
 
 
 _registered = False
