@@ -37,7 +37,7 @@ rm -rf "$tmp"
 if [ "${SKIP_LMMS:-0}" != "1" ]; then
   echo "--- lmms-eval plugin, end to end (transformers $newest, the lmms extra in .venv-lmms)"
   VENV=.venv-lmms LMMS=1 TRANSFORMERS="transformers==$newest" bash scripts/setup.sh
-  VLMPRUNE_REQUIRE_LMMS=1 run_pytest .venv-lmms/bin/python -q tests/test_lmms_eval.py
+  VLMPRUNE_REQUIRE_LMMS=1 run_pytest .venv-lmms/bin/python -q tests/test_lmms_eval.py tests/test_examples.py -k "lmms"
 fi
 if [ "${ONLY_NEWEST:-0}" != "1" ]; then
   for v in "${versions[@]}"; do
