@@ -79,20 +79,39 @@ def _median(values: list[float]) -> float | None:
 def lmms_rows(results: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     """One row per task of an lmms-eval run of ``--model vlmprune``: the task's first metric as ``accuracy``, and
     vision tokens, TTFT and analytic FLOPs per sample from the plugin's ``stats_path`` sidecar when it is there
-    (else the run's ``avg_vlmprune_*`` throughput fields, which lmms-eval averages over the tasks of a run).
+    (else the run's ``avg_vlmprune_*`` throughput fields, which cover all tasks of the run together). Sidecar
+    records of another model or method config (a ``stats_path`` shared between runs) are left out.
     ``speedup_vs_unpatched`` / ``flop_bound_speedup`` are filled in by :func:`_relative` against the unpatched
     row of the same model and task, when the files given include one."""
     cfg = results.get("config", {})
     args = _model_args(cfg.get("model_args", ""))
     method = args.get("method")
     method = None if method in (None, "", "none", "unpatched") else str(method)
-    keep = args.get("keep", 1.0) if method else 1.0
     sidecar: list[dict[str, Any]] = []
     if args.get("stats_path"):
         side = Path(str(args["stats_path"]))
         for f in [side, *sorted(side.parent.glob(f"{side.stem}.rank*{side.suffix}"))]:
             if f.is_file():
                 sidecar += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    # a sidecar written by another run (a shared stats_path) does not describe this one
+    model = str(args.get("pretrained", ""))
+    sidecar = [
+        r
+        for r in sidecar
+        if r.get("model") == model
+        and (r.get("config") or {}).get("method") == method
+        and (method is None or "keep" not in args or r["config"].get("keep") == args["keep"])
+    ]
+    if method is None:
+        keep: Any = 1.0
+    elif "keep" in args:
+        keep = args["keep"]
+    elif sidecar:
+        keep = sidecar[0]["config"]["keep"]
+    else:  # the method's default budget
+        import vlmprune
+
+        keep = vlmprune.make_config(method).keep
     thr = results.get("throughput", {})
     rows = []
     for task, metrics in results["results"].items():

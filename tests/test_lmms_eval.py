@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import vlmprune
 
@@ -157,23 +156,65 @@ def test_api_unpatched_and_damro_match_harness(tasks: Path, method: str | None):
         assert all(r["flops"]["branch_prefill"] > 0 for r in recs)  # DAMRO's contrastive branch is counted
 
 
-def test_qwen2_vl_simple_wrapper(tasks: Path):
+def _qwen_without_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test scaffolding for a box without torchvision (CI's, beside the CPU torch): lmms-eval's Qwen2-VL wrapper
+    loads its processor with AutoProcessor (whose video half needs torchvision) and reads images through
+    qwen_vl_utils (which imports torchvision). Give it the same processor without the video half, and a reader of
+    the image data-URLs it builds; the wrapper's prompt building, batching and generate call are its own."""
+    import base64
+    import io
+
+    from lmms_eval.models.simple import qwen2_vl as module
+    from PIL import Image
+
+    from vlmprune.benchmarks import load_processor
+
+    class _Auto:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            return load_processor(path)
+
+    def process_vision_info(conversations):
+        images = []
+        for messages in conversations:
+            for m in messages:
+                for part in m["content"] if isinstance(m["content"], list) else []:
+                    if part.get("type") == "image":
+                        data = part["image"].split(",", 1)[1]
+                        images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+        return images or None, None
+
+    monkeypatch.setattr(module, "AutoProcessor", _Auto)
+    monkeypatch.setattr(module, "process_vision_info", process_vision_info)
+
+
+def test_qwen2_vl_simple_wrapper_batched(tasks: Path, monkeypatch: pytest.MonkeyPatch):
     """Qwen2-VL has only a simple wrapper in lmms-eval: it is used (also under --model vlmprune's chat default),
-    patched, and every sample reaches the LLM with its budget. lmms-eval's wrapper loads Qwen2-VL's processor with
-    ``AutoProcessor``, whose video processor needs torchvision: not installable beside the CPU torch here."""
+    patched, and with --batch_size 2 every sample is attributed to its own document: its LLM prompt length equals
+    the one it has when asked alone, and it reaches the LLM with its budget."""
     from transformers.utils import is_torchvision_available
 
     if not is_torchvision_available():
-        pytest.skip("Qwen2-VL's AutoProcessor needs torchvision (absent beside CPU torch 2.13 here)")
-    lm = plugin.load_model(str(QWEN), "uniform", keep=0.5, device_map="cpu", device="cpu")
-    assert lm.is_simple and vlmprune.is_patched(lm.model)
-    res = evaluate(lm, tasks, limit=4)
-    assert "accuracy,none" in res["results"]["vlmprune_shapes"]
-    recs = lm.vlmprune_records()
-    assert len(recs) == 4 and sorted(r["doc_id"] for r in recs) == [0, 1, 2, 3]
-    for r in recs:
-        assert r["vision_tokens_at_llm"] == math.ceil(0.5 * r["vision_tokens_in"])
-        assert r["flops"] is not None and r["flops"]["vision"] > 0
+        _qwen_without_torchvision(monkeypatch)
+    n = 5  # odd: the last batch holds one document
+
+    def run(batch_size: int) -> tuple[dict, list[dict]]:
+        lm = plugin.load_model(str(QWEN), "uniform", keep=0.5, device_map="cpu", device="cpu", batch_size=batch_size)
+        assert lm.is_simple and vlmprune.is_patched(lm.model)
+        res = evaluate(lm, tasks, limit=n)
+        return res, sorted(lm.vlmprune_records(), key=lambda r: r["doc_id"])
+
+    res1, singles = run(1)
+    res2, batched = run(2)
+    assert "accuracy,none" in res2["results"]["vlmprune_shapes"]
+    assert [r["doc_id"] for r in batched] == list(range(n))
+    assert {r["batch_rows"] for r in batched} == {1, 2}
+    assert len({r["prompt_tokens"] for r in singles}) > 1  # the questions differ in length: attribution is visible
+    for a, b in zip(singles, batched, strict=True):
+        assert (a["prompt_tokens"], a["llm_prompt_tokens"]) == (b["prompt_tokens"], b["llm_prompt_tokens"])
+        assert b["vision_tokens_at_llm"] == math.ceil(0.5 * b["vision_tokens_in"])
+        assert b["flops"] is not None and b["flops"]["vision"] > 0
+    assert replies(res1) == replies(res2)  # batch of 2 == singles, through lmms-eval
 
 
 def test_model_args_are_validated_before_loading(monkeypatch: pytest.MonkeyPatch):
@@ -210,7 +251,7 @@ def test_data_parallel_two_processes(tasks: Path, tmp_path: Path):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     cmd += ["-m", "lmms_eval", "--model", "vlmprune", "--model_args", args, "--device", "cpu"]
-    cmd += ["--include_path", str(tasks), "--tasks", "vlmprune_shapes", "--limit", str(N)]
+    cmd += ["--include_path", str(tasks), "--tasks", "vlmprune_shapes", "--limit", str(N - 1)]  # odd: rank padding
     cmd += ["--output_path", str(out), "--verbosity", "DEBUG"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
@@ -218,24 +259,65 @@ def test_data_parallel_two_processes(tasks: Path, tmp_path: Path):
     ranks = [side, tmp_path / "stats.rank1.jsonl"]
     docs = [sorted(json.loads(x)["doc_id"] for x in f.read_text().splitlines()) for f in ranks]
     assert docs[0] and docs[1] and not set(docs[0]) & set(docs[1])
-    assert sorted(docs[0] + docs[1]) == list(range(N))
+    assert sorted(docs[0] + docs[1]) == list(range(N - 1))  # the padding copy is not a sample
     (results_file,) = out.glob("*/*_results.json")
     acc = json.loads(results_file.read_text())["results"]["vlmprune_shapes"]["accuracy,none"]
     from vlmprune.benchmarks import score
     from vlmprune.benchmarks.shapes import sample
 
-    want = harness_answers(LLAVA, vlmprune.make_config("hiprune", keep=0.25))
-    assert acc == pytest.approx(score(want, [sample("test", i) for i in range(N)])["accuracy"])
+    want = harness_answers(LLAVA, vlmprune.make_config("hiprune", keep=0.25))[: N - 1]
+    assert acc == pytest.approx(score(want, [sample("test", i) for i in range(N - 1)])["accuracy"])
 
 
-def test_unpatch_leaves_no_plugin_hooks():
-    lm = plugin.load_model(str(LLAVA), "random", keep=0.5, device_map="cpu", dtype="float32", device="cpu")
+def test_close_with_damro_restores_the_model():
+    """DAMRO wraps generate too: closing takes the plugin's wrapper off first, then unpatches."""
+    lm = plugin.load_model(str(LLAVA), "damro", device_map="cpu", dtype="float32", device="cpu")
     model = lm.model
-    lm._vlmprune.remove()
-    vlmprune.unpatch(model)
+    assert "generate" in model.__dict__
+    lm.vlmprune_close()
+    assert not vlmprune.is_patched(model)
     assert "generate" not in model.__dict__
     assert not model._forward_hooks and not model._forward_pre_hooks
-    assert torch.is_tensor(next(model.parameters()))
+
+
+def test_failures_inside_generate_are_raised(tasks: Path):
+    """lmms-eval's LLaVA wrapper catches exceptions from generate() and scores an empty reply; the plugin raises."""
+    lm = plugin.load_model(str(LLAVA), "random", keep=0.5, device_map="cpu", dtype="float32", device="cpu")
+
+    def boom(*args, **kwargs):
+        raise ValueError("injected failure")
+
+    lm.model.model.language_model.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        evaluate(lm, tasks, limit=2)
+    assert not lm._vlmprune.pending  # nothing left to be attributed to the next batch
+
+
+def test_likelihood_tasks_are_refused_when_pruning():
+    lm = plugin.load_model(str(LLAVA), "random", keep=0.5, device_map="cpu", dtype="float32", device="cpu")
+    with pytest.raises(NotImplementedError, match="without method="):
+        lm.loglikelihood([])
+
+
+def test_text_only_prompt_after_an_image_reads_no_stale_stats():
+    from vlmprune.testing import make_inputs, tiny_model
+
+    model = tiny_model("llava", seed=1)
+    config = vlmprune.make_config("random", keep=0.5)
+    vlmprune.patch(model, config)
+    rec = plugin._Recorder(model, config, timing=False)
+    try:
+        model.generate(**make_inputs(model, [[3, "image", 2]]), max_new_tokens=1, do_sample=False)
+        text = make_inputs(model, [[6]])
+        model.generate(**text, max_new_tokens=1, do_sample=False)
+    finally:
+        rec.remove()
+        vlmprune.unpatch(model)
+    img, txt = rec.records
+    assert img["vision_tokens_at_llm"] < img["vision_tokens_in"]
+    assert (txt["vision_tokens_in"], txt["vision_tokens_at_llm"]) == (0, 0)
+    assert txt["llm_prompt_tokens"] == txt["prompt_tokens"] == 6
+    assert txt["flops"]["vision"] == 0 and txt["ttft_ms"] is None
 
 
 def test_recorder_counts_qwen_grids_per_row():

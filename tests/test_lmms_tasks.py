@@ -55,10 +55,23 @@ def test_task_scoring_is_the_harness_scoring():
         assert getattr(lmms_tasks, f"pope_{m}")(recs) == pytest.approx(want[m])
 
 
-def _results(tmp_path: Path, method: str | None, acc: float, ttft: float, gflops: float, tokens: int) -> Path:
-    side = tmp_path / f"side_{method}.jsonl"
+def _results(
+    tmp_path: Path,
+    method: str | None,
+    acc: float,
+    ttft: float,
+    gflops: float,
+    tokens: int,
+    side: Path | None = None,
+    keep: float | None = 0.25,
+) -> Path:
+    """An lmms-eval results file of a ``--model vlmprune`` run, and its sidecar (appended to ``side`` if given)."""
+    side = side or tmp_path / f"side_{method}.jsonl"
+    config = {"method": method, "keep": keep if keep is not None else 0.5} if method else None
     recs = [
         {
+            "model": "ckpt/x",
+            "config": config,
             "task": "vlmprune_shapes",
             "doc_id": i,
             "vision_tokens_at_llm": tokens,
@@ -67,8 +80,11 @@ def _results(tmp_path: Path, method: str | None, acc: float, ttft: float, gflops
         }
         for i in range(3)
     ]
-    side.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    args = f"pretrained=ckpt/x,device_map=cpu,stats_path={side}" + (f",method={method},keep=0.25" if method else "")
+    with side.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    args = f"pretrained=ckpt/x,device_map=cpu,stats_path={side}"
+    if method:
+        args += f",method={method}" + (f",keep={keep}" if keep is not None else "")
     res = {
         "results": {
             "vlmprune_shapes": {"alias": "vlmprune_shapes", "accuracy,none": acc, "accuracy_stderr,none": 0.1}
@@ -78,7 +94,7 @@ def _results(tmp_path: Path, method: str | None, acc: float, ttft: float, gflops
         "throughput": {},
         "lmms_eval_version": "test",
     }
-    path = tmp_path / f"{method}_results.json"
+    path = tmp_path / f"{method}_{keep}_results.json"
     path.write_text(json.dumps(res))
     return path
 
@@ -101,3 +117,20 @@ def test_report_reads_lmms_results_with_sidecars(tmp_path: Path):
     assert "ckpt/x [vlmprune_shapes]" in rep["markdown"]
     names = {p.name for p in rep["files"]}
     assert {"merged.md", "merged.csv", "merged_acc_flops.png", "merged_speedup.png"} <= names
+
+
+def test_report_keeps_runs_apart_in_a_shared_sidecar(tmp_path: Path):
+    """Two runs appending to one stats_path (and a run without keep=, at its method's default budget): each row
+    reads only its own records."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from eval.report import load
+    finally:
+        sys.path.remove(str(ROOT))
+    shared = tmp_path / "shared.jsonl"
+    base = _results(tmp_path, None, 0.8, 100.0, 4.0, 256, side=shared)
+    fastv = _results(tmp_path, "fastv", 0.7, 40.0, 1.0, 128, side=shared, keep=None)
+    (b,) = load(base)
+    (f,) = load(fastv)
+    assert (b["vision_tokens_at_llm"], b["ttft_ms_median"], b["keep"]) == (256, 101.0, 1.0)
+    assert (f["vision_tokens_at_llm"], f["ttft_ms_median"], f["keep"]) == (128, 41.0, 0.5)

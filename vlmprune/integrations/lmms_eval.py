@@ -19,10 +19,10 @@ go to lmms-eval's wrapper; ``method`` and that method's options (``keep``, ``see
 :func:`vlmprune.patch`, validated before the model is loaded, with the same errors; a name that is neither
 raises a :class:`~vlmprune.errors.ConfigError` with a "did you mean". Plus:
 
-* ``stats_path``: a JSON-lines sidecar, one line per sample (appended; ``.rank<N>`` is inserted before the suffix
-  on ranks > 0): task, split, doc_id, vision tokens in and at the LLM, LLM prompt tokens before/after,
-  ``ttft_ms``, analytic prefill FLOPs by component, and the method config. ``python -m eval report`` merges it (and the
-  results JSON) with the harness's rows.
+* ``stats_path``: a JSON-lines sidecar, one line per sample, rewritten by each run (give every run its own;
+  ``.rank<N>`` is inserted before the suffix on ranks > 0): model, method config, task, split, doc_id, vision
+  tokens in and at the LLM, LLM prompt tokens before/after, ``ttft_ms``, analytic prefill FLOPs by component.
+  ``python -m eval report`` merges it (and the results JSON) with the harness's rows.
 * ``timing`` (default true): ``ttft_ms`` per ``generate`` call, from entering ``generate`` to the end of its first
   forward (vision encoder, projector, LLM prefill, lm_head: time to the first token's logits; the processor is
   outside), device-synchronised at both ends. Set false to skip the synchronisations. With ``--batch_size`` > 1
@@ -31,9 +31,13 @@ raises a :class:`~vlmprune.errors.ConfigError` with a "did you mean". Plus:
 What lands in lmms-eval's own output: per sample, ``token_counts.input_tokens`` is the LLM's prompt length
 *after* pruning (so lmms-eval's ``efficiency`` block counts the tokens the LLM really saw); in
 ``results["throughput"]``, ``avg_vlmprune_*`` fields: vision tokens in / at the LLM, LLM prompt tokens, TTFT
-ms (median), prefill GFLOPs (mean), keep, samples. They are aggregated per ``generate_until`` call, so with
-several tasks in one run lmms-eval averages the per-task values, and with several processes they are rank 0's;
-the sidecar has the per-sample numbers of every rank.
+ms (median), prefill GFLOPs (mean), keep, samples. lmms-eval hands all generation requests of a run (every
+task) to one ``generate_until`` call, so these cover all tasks together, and with several processes they are
+rank 0's; the sidecar has the per-sample numbers of every task and rank (rank padding excluded). A failure
+inside ``generate`` (which lmms-eval's wrappers would log and score as an empty reply) is raised.
+
+Generation tasks only: likelihood tasks (``output_type: loglikelihood``, which pass labels) are refused on a
+pruned model (a pruned model's logits are in pruned coordinates); run them without ``method=``.
 
 Data parallel: ``accelerate launch --num_processes N -m lmms_eval --model vlmprune ...`` on GPUs — each process
 loads and patches its own model (the patch is per instance) and lmms-eval shards the documents and gathers the
@@ -303,8 +307,11 @@ class _TaskDict(dict):
 
 # ------------------------------------------------------------------------------------------------- recording
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA, XPU, MPS; nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type in ("xpu", "mps"):
+        getattr(torch, device.type).synchronize()
 
 
 class _Recorder:
@@ -317,12 +324,15 @@ class _Recorder:
         self.model, self.config, self.timing = model, config, timing
         self.pending: list[tuple[str, str, int]] = []
         self.records: list[dict[str, Any]] = []
+        #: exceptions raised inside generate (lmms-eval's wrappers catch them and score an empty reply)
+        self.errors: list[BaseException] = []
         self._t0: float | None = None
         self._kw: dict[str, Any] | None = None
         self._had_generate = "generate" in model.__dict__
         self._orig_generate = model.__dict__.get("generate")
-        model.generate = self._make_generate(model.generate)
-        self.handle = model.register_forward_hook(self._post, with_kwargs=True, always_call=True)
+        self._wrapper = self._make_generate(model.generate)
+        model.generate = self._wrapper
+        self.handle = model.register_forward_hook(self._post, with_kwargs=True)  # not on a raising forward
 
     def _make_generate(self, original: Any) -> Any:
         def generate(*args: Any, **kwargs: Any) -> Any:
@@ -335,8 +345,12 @@ class _Recorder:
             self._kw, self._t0 = kw, time.perf_counter()
             try:
                 return original(*args, **kwargs)
+            except Exception as e:
+                self.errors.append(e)
+                raise
             finally:
                 self._kw = self._t0 = None
+                self.pending.clear()  # docs fetched for a call that never reached its first forward
 
         return generate
 
@@ -366,17 +380,36 @@ class _Recorder:
     def _rows(self, kw: dict[str, Any], ids: torch.Tensor) -> list[dict[str, Any]]:
         cfg = self.model.config
         mask = kw.get("attention_mask")
-        real = mask.sum(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.full(
-            (ids.shape[0],), ids.shape[1]
-        )
-        vis_ids = [getattr(cfg, n, None) for n in ("image_token_id", "image_token_index", "video_token_id")]
-        vis_ids = torch.tensor([v for v in vis_ids if v is not None], device=ids.device)
-        vis_in = torch.isin(ids, vis_ids).sum(-1) if vis_ids.numel() else torch.zeros(ids.shape[0], dtype=torch.long)
-        st = vlmprune.last_stats(self.model) if self.config is not None else {}
-        out: list[dict[str, Any]] = []
-        grids = kw.get("image_grid_thw")
-        grids = [tuple(int(v) for v in g) for g in grids] if isinstance(grids, torch.Tensor) else []
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            real = mask.sum(-1)
+        else:
+            real = torch.full((ids.shape[0],), ids.shape[1])
+
+        def count(*names: str) -> torch.Tensor:
+            tok = [getattr(cfg, n, None) for n in names]
+            tok = torch.tensor([t for t in tok if t is not None], device=ids.device, dtype=ids.dtype)
+            return torch.isin(ids, tok).sum(-1) if tok.numel() else torch.zeros(ids.shape[0], dtype=torch.long)
+
+        img_in, vid_in = count("image_token_id", "image_token_index"), count("video_token_id")
+        vis_in = img_in + vid_in
+        # last_stats is written by prefills that carry images only: a text-only batch must not read a stale one
+        st = vlmprune.last_stats(self.model) if self.config is not None and int(vis_in.sum()) else {}
         merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 1) or 1
+
+        def grids_of(name: str) -> list[tuple[int, ...]]:
+            g = kw.get(name)
+            return [tuple(int(v) for v in row) for row in g] if isinstance(g, torch.Tensor) else []
+
+        queues = {"image": grids_of("image_grid_thw"), "video": grids_of("video_grid_thw")}
+
+        def take(kind: str, n_tokens: int) -> list[tuple[int, ...]]:
+            """This row's grids: the next ones in the batch's order, until they cover its placeholders."""
+            mine: list[tuple[int, ...]] = []
+            while queues[kind] and sum(t * h * w for t, h, w in mine) // merge**2 < n_tokens:
+                mine.append(queues[kind].pop(0))
+            return mine
+
+        out: list[dict[str, Any]] = []
         for r in range(ids.shape[0]):
             n_in = int(vis_in[r])
             n_real = int(real[r])
@@ -385,20 +418,23 @@ class _Recorder:
                 llm_len = int(st["seq_len_out"][r])
             else:
                 n_out, llm_len = n_in, n_real
-            row_grids = []
-            while grids and sum(t * h * w for t, h, w in row_grids) // merge**2 < n_in:
-                row_grids.append(grids.pop(0))
+            row_grids = take("image", int(img_in[r])) + take("video", int(vid_in[r]))
             flops = None
             try:
                 n_images = 0
                 if cfg.model_type == "llava":  # one CLIP image = (size / patch)^2 placeholders
                     per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-                    n_images = max(1, round(n_in / per_image))
+                    n_images = round(n_in / per_image)
                 flops = _stats.prefill_flops(
-                    cfg, n_text=n_real - n_in, vision_in=n_in, vision_out=n_out, config=self.config,
-                    n_images=n_images, grids=row_grids,
+                    cfg,
+                    n_text=n_real - n_in,
+                    vision_in=n_in,
+                    vision_out=n_out,
+                    config=self.config,
+                    n_images=n_images,
+                    grids=row_grids,
                 ).to_dict()
-            except (ValueError, AttributeError, TypeError):
+            except ValueError:
                 flops = None  # no formula for this family (see vlmprune.stats.vision_flops)
             out.append(
                 {
@@ -413,12 +449,13 @@ class _Recorder:
         return out
 
     def remove(self) -> None:
-        """Take the hook and the ``generate`` wrapper off the model."""
+        """Take the hook and the ``generate`` wrapper off the model (only if the wrapper is still the one there)."""
         self.handle.remove()
-        if self._had_generate:
-            self.model.generate = self._orig_generate
-        else:
-            self.model.__dict__.pop("generate", None)
+        if self.model.__dict__.get("generate") is self._wrapper:
+            if self._had_generate:
+                self.model.generate = self._orig_generate
+            else:
+                del self.model.__dict__["generate"]
 
 
 class _PrunedWrapper:
@@ -432,6 +469,7 @@ class _PrunedWrapper:
         timing: bool,
         **kwargs: Any,
     ) -> None:
+        self._vlmprune_pretrained = str(kwargs.get("pretrained", ""))  # not every wrapper keeps it
         super().__init__(**kwargs)
         model = self.model  # the wrappers' property: the HF model, unwrapped from accelerate
         self.vlmprune_config = vlmprune_config
@@ -439,6 +477,7 @@ class _PrunedWrapper:
             vlmprune.patch(model, vlmprune_config)
         self._vlmprune = _Recorder(model, vlmprune_config, timing)
         self._vlmprune_stats_path = stats_path
+        self._vlmprune_sidecar_open = False
         self._vlmprune_model = model
         self.task_dict = _TaskDict(self._vlmprune.pending, self.task_dict)
 
@@ -447,15 +486,49 @@ class _PrunedWrapper:
         if not self._vlmprune_stats_path:
             return None
         p = Path(self._vlmprune_stats_path)
-        rank = int(getattr(self, "rank", 0) or 0)
+        rank = int(getattr(self, "rank", 0) or 0)  # lmms-eval sets the global rank when WORLD_SIZE > 1
         return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
 
+    def loglikelihood(self, requests: list) -> list:
+        if self.vlmprune_config is not None:
+            raise NotImplementedError(
+                "vlmprune's lmms-eval plugin runs generation tasks (output_type: generate_until) on pruned models. "
+                "Likelihood tasks pass labels, and a pruned model's logits are in pruned coordinates, so their "
+                "scores would be misaligned: run likelihood tasks without method= (unpatched)."
+            )
+        return super().loglikelihood(requests)
+
     def generate_until(self, requests: list) -> list:
+        return self._vlmprune_call(super().generate_until, requests)
+
+    def generate_until_multi_round(self, requests: list) -> list:
+        return self._vlmprune_call(super().generate_until_multi_round, requests)
+
+    def _vlmprune_call(self, run: Any, requests: list) -> list:
         rec = self._vlmprune
-        start = len(rec.records)
+        start, errors = len(rec.records), len(rec.errors)
         rec.pending.clear()
-        res = super().generate_until(requests)
+        res = run(requests)
+        if len(rec.errors) > errors:  # lmms-eval's wrappers log these and score an empty reply: fail instead
+            first = rec.errors[errors]
+            raise RuntimeError(
+                f"vlmprune: generate() failed on {len(rec.errors) - errors} request(s) of this batch of "
+                f"{len(requests)}; first error: {type(first).__name__}: {first}"
+            ) from first
         new = rec.records[start:]
+        # rank padding (lmms-eval repeats a document so every rank gets as many requests) is not a sample
+        wanted: dict[tuple, int] = {}
+        for req in requests:
+            if not (getattr(req, "metadata", None) or {}).get("__padding_only__"):
+                key = (req.args[-2], req.args[-1], req.args[-3])  # args end with (doc_id, task, split)
+                wanted[key] = wanted.get(key, 0) + 1
+        samples = []
+        for r in new:
+            key = (r.get("task"), r.get("split"), r.get("doc_id"))
+            if "doc_id" not in r or wanted.get(key, 0) > 0:
+                samples.append(r)
+                if "doc_id" in r:
+                    wanted[key] -= 1
         by_doc = {(r["task"], r["split"], r["doc_id"]): r for r in new if "doc_id" in r}
         out = []
         for req, item in zip(requests, res, strict=True):
@@ -468,11 +541,18 @@ class _PrunedWrapper:
                 counts = item.token_counts or TokenCounts()
                 counts.input_tokens = row["llm_prompt_tokens"]
                 item.token_counts = counts
-            else:
+            elif isinstance(item, str):
                 item = GenerationResult(text=item, token_counts=TokenCounts(input_tokens=row["llm_prompt_tokens"]))
             out.append(item)
-        self._vlmprune_log(new)
+        self._vlmprune_log(samples)
         return out
+
+    def vlmprune_close(self) -> None:
+        """Take the plugin's timing wrapper off the model, then unpatch it (in that order: DAMRO's own
+        ``generate`` wrapper lies underneath). The wrapper is unusable for pruned evaluation afterwards."""
+        self._vlmprune.remove()
+        if vlmprune.is_patched(self._vlmprune.model):
+            vlmprune.unpatch(self._vlmprune.model)
 
     def _vlmprune_log(self, new: list[dict[str, Any]]) -> None:
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
@@ -482,14 +562,17 @@ class _PrunedWrapper:
         path = self._vlmprune_sidecar
         if path is not None and new:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
+            mode = "a" if self._vlmprune_sidecar_open else "w"  # each run starts its sidecar afresh
+            self._vlmprune_sidecar_open = True
+            with path.open(mode) as f:
                 for r in new:
-                    f.write(json.dumps({"model": str(getattr(self, "pretrained", "")), "config": config, **r}) + "\n")
+                    f.write(json.dumps({"model": self._vlmprune_pretrained, "config": config, **r}) + "\n")
         if not good:
             return
         extra: dict[str, Any] = {
             "vlmprune_samples": len(good),
-            "vlmprune_keep": float(self.vlmprune_config.keep) if self.vlmprune_config is not None else 1.0,
+            # keep as configured: a fraction, or (an int) tokens per image
+            "vlmprune_keep": 1.0 if self.vlmprune_config is None else float(self.vlmprune_config.keep),
             "vlmprune_vision_tokens_in": statistics.fmean(r["vision_tokens_in"] for r in good),
             "vlmprune_vision_tokens_at_llm": statistics.fmean(r["vision_tokens_at_llm"] for r in good),
             "vlmprune_llm_prompt_tokens": statistics.fmean(r["llm_prompt_tokens"] for r in good),
