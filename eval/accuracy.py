@@ -30,9 +30,12 @@ SHIPPED = {
 
 def setting_config(method: str, keep: float | int) -> vlmprune.PruneConfig:
     """The config of one harness setting. ``method`` is a method name, ``"damro"`` (DAMRO on the whole image:
-    ``keep`` must be 1.0) or ``"damro+NAME"`` (DAMRO's contrast on top of method NAME at ``keep``)."""
+    ``keep`` must be 1.0), ``"damro+NAME"`` (DAMRO's contrast on top of method NAME at ``keep``) or
+    ``"fastvlm:STRATEGY"`` (``resolution`` / ``encoder_pool`` / ``pool``; plain ``fastvlm`` = resolution)."""
     if method.startswith("damro+"):
         return vlmprune.make_config("damro", prune=method[6:], keep=keep)
+    if method.startswith("fastvlm:"):
+        return vlmprune.make_config("fastvlm", keep=keep, strategy=method[8:])
     return vlmprune.make_config(method, keep=keep)
 
 

@@ -26,10 +26,12 @@ COLUMNS = [
     ("vision tok", "vision_tokens_at_llm"),
     ("accuracy %", "accuracy"),
     ("prefill GFLOPs", "gflops"),
+    ("vision GFLOPs", "vision_gflops"),
     ("FLOP bound", "flop_bound_speedup"),
     ("analytic/counter", "flops_analytic_over_counter"),
     ("TTFT ms (median)", "ttft_ms_median"),
     ("TTFT ms (min)", "ttft_ms_min"),
+    ("vision ms", "vision_ms_median"),
     ("speed-up", "speedup_vs_unpatched"),
     ("overhead vs ideal", "overhead_ratio"),
     ("decode tok/s", "decode_tokens_per_s"),
@@ -55,6 +57,8 @@ def load(path: str | Path) -> list[dict[str, Any]]:
     for r in rows:
         flops = r.get("flops") or {}
         r["gflops"] = flops["prefill"] / 1e9 if flops.get("prefill") is not None else None
+        vis = [flops.get(k) for k in ("vision", "projector")]
+        r["vision_gflops"] = sum(vis) / 1e9 if all(v is not None for v in vis) else None
         r["kv_mb"] = r["kv_cache_bytes"] / 2**20 if r.get("kv_cache_bytes") else None
     return rows
 

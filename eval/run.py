@@ -5,8 +5,10 @@
     python -m eval run --models timing:llava-1.5-7b --llm-layers 2 --vit-layers 6 --out eval/results/timing.jsonl
     python -m eval run --config my_sweep.json          # the same keys as the flags (JSON)
 
-``--methods`` takes method names and ``damro+NAME`` (DAMRO's contrastive decoding on top of method NAME at each
-keep); ``damro`` alone runs once, at keep 1.0. ``--benchmark shapes-pope`` asks every test scene its POPE-style
+``--methods`` takes method names, ``damro+NAME`` (DAMRO's contrastive decoding on top of method NAME at each
+keep; ``damro`` alone runs once, at keep 1.0) and ``fastvlm:STRATEGY`` (``resolution`` | ``encoder_pool`` |
+``pool``; plain ``fastvlm`` is ``resolution``). ``--image-patches H W`` sets a Qwen timing model's image grid
+(e.g. ``74 74``: 1036 px, about a megapixel). ``--benchmark shapes-pope`` asks every test scene its POPE-style
 existence question (rows then carry ``pope``: accuracy, precision, recall, F1, yes-ratio, per negative subtype).
 
 A model is a local checkpoint folder (``from_pretrained``; accuracy on the benchmark) or ``timing:<geometry>``:
@@ -23,6 +25,8 @@ model gets an ``unpatched`` row; every (method, keep) a row with:
 * ``flops``: analytic per component (``vlmprune.stats``: vision tower, projector, LLM prefill, lm_head, per
   decoded token), ``flops_counter`` measured by ``torch.utils.flop_counter.FlopCounterMode`` on the same prefill
   (CPU SDPA formula registered), their ratio, and ``flop_bound_speedup`` = analytic unpatched / this prefill;
+* ``vision_ms_median`` (the vision tower and projector alone, ``get_image_features`` under the same patch,
+  timed in the same interleaved schedule) and ``llm_prefill_ms_median`` = TTFT minus it: where the time goes;
 * ``ttft_ms_median`` / ``ttft_ms_min``: one-request prefill (``use_cache=True, logits_to_keep=1``, what
   ``generate`` runs first) after warm-up, all settings of a model interleaved round-robin, device-synchronised,
   with ``cpu_per_wall`` and ``contended`` (CPU time / wall time far below the thread count: a shared box);
@@ -185,6 +189,9 @@ class RunConfig:
     llm_layers: int | None = None
     vit_layers: int | None = None
     text_tokens: int = 40
+    #: timing models: the image's patch grid (h, w) — Qwen: any even sizes (e.g. 74 74 = 1036 px, ~1 MP);
+    #: LLaVA's CLIP takes its fixed 336 px whatever this says
+    image_patches: list[int] | None = None
     batch_size: int = 16
     ideal: bool = True
     counter: bool = True
@@ -236,6 +243,9 @@ class RunConfig:
             raise ValueError(f"decode_tokens must be >= 2 (tokens/s compares 1 and N), got {self.decode_tokens}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.image_patches is not None:
+            if len(self.image_patches) != 2 or any(v < 2 or v % 2 for v in self.image_patches):
+                raise ValueError(f"image_patches must be two even sizes >= 2 (h w), got {self.image_patches}")
         for name in ("llm_layers", "vit_layers", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -246,6 +256,8 @@ class RunConfig:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if model.startswith("timing:"):
             what = f"{model}|L{self.llm_layers}|V{self.vit_layers}|T{self.text_tokens}"
+            if self.image_patches is not None:
+                what += f"|P{self.image_patches[0]}x{self.image_patches[1]}"
         else:
             what = f"{os.path.normpath(model)}|{self.benchmark}|{self.n}"
         return f"{what}|{method}|{keep!r}|{self.dtype}|{self.attn}|{device}"
@@ -274,6 +286,9 @@ def parse(argv: list[str] | None) -> RunConfig:
     p.add_argument("--llm-layers", type=int, help="timing models: LLM depth (default: the real one)")
     p.add_argument("--vit-layers", type=int, help="timing models: vision tower depth (default: the real one)")
     p.add_argument("--text-tokens", type=int, help="timing models: text tokens around the image")
+    p.add_argument(
+        "--image-patches", type=int, nargs=2, metavar=("H", "W"), help="timing models (Qwen): image patch grid"
+    )
     p.add_argument("--batch-size", type=int, help="benchmark batch size for accuracy")
     p.add_argument("--no-ideal", dest="ideal", action="store_false", default=None)
     p.add_argument("--no-counter", dest="counter", action="store_false", default=None)
@@ -320,6 +335,8 @@ def _timing_inputs(model: Any, name: str, cfg: RunConfig, processor: Any, rows: 
     half = cfg.text_tokens // 2
     if model.config.model_type == "llava":
         image: Any = "image"
+    elif cfg.image_patches is not None:
+        image = ("image", *cfg.image_patches)
     else:  # a 672 x 672 image: 48 x 48 patches -> 576 tokens, LLaVA-1.5's count
         image = ("image", 48, 48) if "tiny" not in name else ("image", 8, 8)
     return make_inputs(model, [[half, image, cfg.text_tokens - half]])
@@ -417,6 +434,13 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
         with contrasting():
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
+    vis_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+
+    @torch.inference_mode()
+    def encode() -> Any:
+        """The vision side of the prefill alone (tower and projector, with the patch's encoder hooks)."""
+        return model.model.get_image_features(**vis_kwargs)
+
     def counted_flops() -> dict[str, float]:
         with contrasting():
             return stats.count_flops(model, inputs, use_cache=True, logits_to_keep=1)
@@ -460,12 +484,14 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
     for m, k in settings:
         if m is None:
             fns["unpatched"] = prefill
+            fns["unpatched#vision"] = encode
         else:
-            fns[label(m, k)] = (
-                lambda m=m, k=k: vlmprune.patch(model, setting_config(m, k)),
-                prefill,
-                lambda: vlmprune.unpatch(model),
-            )
+            for name, fn in ((label(m, k), prefill), (f"{label(m, k)}#vision", encode)):
+                fns[name] = (
+                    lambda m=m, k=k: vlmprune.patch(model, setting_config(m, k)),
+                    fn,
+                    lambda: vlmprune.unpatch(model),
+                )
     # ideal = the unpatched modules on the kept tokens: defined for pruning at the LLM input (not FastV, which prunes
     # inside the LLM, nor DAMRO, whose second branch no ideal run has)
     plain = [(m, k) for m, k in settings if m is not None and not m.endswith("fastv") and not m.startswith("damro")]
@@ -536,6 +562,9 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
             **info[lab],
             "flop_bound_speedup": base_flops / info[lab]["flops"]["prefill"],
             "ttft_ms_median": 1000 * t["median_s"],
+            # the vision tower + projector alone (timed separately, same schedule); the rest is the LLM prefill
+            "vision_ms_median": 1000 * timing[f"{lab}#vision"]["median_s"],
+            "llm_prefill_ms_median": 1000 * (t["median_s"] - timing[f"{lab}#vision"]["median_s"]),
             "ttft_ms_min": 1000 * t["min_s"],
             "ttft_ms_all": [1000 * x for x in t["times_s"]],
             "speedup_vs_unpatched": base_ttft / t["median_s"],

@@ -152,6 +152,9 @@ class _Prefill:
     last_dropped: int = -1  # largest original index of a dropped token (crops must stay after it)
     cache_ref: Any = None
     seen: int = 0  # tokens in the pruned cache; tracked here because some caches can't report it reliably
+    # [B] how far the M-RoPE positions after a re-gridded image (Selection.grid) moved down, per row: decode
+    # positions that generate() derives from the original prompt are moved by the same amount
+    shift: torch.Tensor | None = None
 
     def translate_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Map a 2-D mask in original coordinates ``[B, L + t]`` to the pruned cache ``[B, Lp + t]``."""
@@ -281,8 +284,12 @@ class PatchState:
         if missing:
             raise UnsupportedModelError(
                 f"method {config.name!r} needs {sorted(missing)}, which the {model.config.model_type!r} adapter "
-                f"cannot provide (it provides {sorted(adapter.provides) or 'nothing extra'}). Use a method that "
-                "needs no vision-tower signal on this model (e.g. uniform, pool, random)."
+                f"cannot provide (it provides {sorted(adapter.provides) or 'nothing extra'}). "
+                + getattr(
+                    method,
+                    "unsupported_hint",
+                    "Use a method that needs no vision-tower signal on this model (e.g. uniform, pool, random).",
+                )
             )
         mode = self.prune_config.position_mode
         if adapter.mrope:
@@ -664,15 +671,18 @@ class PatchState:
                     start += it.num_tokens
         return segs
 
-    def _select(self, seg: Segment, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """Run the method on one segment; return kept positions (sequence coordinates) and replacement rows."""
+    def _select(
+        self, seg: Segment, emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], tuple[int, int, int] | None]:
+        """Run the method on one segment; return kept positions (sequence coordinates), replacement rows, stats
+        and the kept tokens' own grid (:attr:`Selection.grid`, or ``None``)."""
         grid_pos = seg.positions[seg.prefix :]
         n = int(grid_pos.numel())
         k = self.prune_config.budget(n)
         info: dict[str, Any] = {"row": seg.row, "kind": seg.kind, "grid": list(seg.grid), "tokens_in": n + seg.prefix}
         if k >= n:
             info["tokens_out"] = n + seg.prefix
-            return seg.positions, None, info
+            return seg.positions, None, info, None
         item = ImageTokens(emb[seg.row, grid_pos], seg.grid, k, seg.key, seg.kind, seg.index, seg.row, seg.extras)
         sel = self.method.select(item)
         self._validate(sel, n, k, emb)
@@ -684,7 +694,14 @@ class PatchState:
         info["kept_indices"] = sel.indices.tolist()  # grid-relative (prefix excluded); merged: representatives
         if sel.info:
             info.update(sel.info)
-        return kept, tokens, info
+        grid = None
+        if sel.grid is not None:
+            grid = tuple(int(v) for v in sel.grid)
+            if len(grid) != 3 or grid[0] * grid[1] * grid[2] != int(sel.indices.numel()) or seg.prefix:
+                raise RuntimeError(
+                    f"method {self.config.name!r} returned grid {sel.grid} for {int(sel.indices.numel())} tokens"
+                )
+        return kept, tokens, info, grid
 
     def _validate(self, sel: Selection, n: int, k: int, emb: torch.Tensor) -> None:
         idx = sel.indices
@@ -745,12 +762,15 @@ class PatchState:
         if not self.method.prunes_at_entry:
             return self._plan_in_llm(segments, real, t0)
         replace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        regrid: list[tuple[Segment, torch.Tensor, tuple[int, int, int]]] = []
         per_image = []
         for seg in segments:
-            kept, tokens, info = self._select(seg, emb)
+            kept, tokens, info, grid = self._select(seg, emb)
             keep[seg.row, kept] = True
             if tokens is not None:
                 replace.append((seg.row, kept, tokens))
+            if grid is not None:
+                regrid.append((seg, kept, grid))
             per_image.append(info)
 
         n_keep = keep.sum(-1)
@@ -792,6 +812,8 @@ class PatchState:
             full = pos.to(dev) if pos is not None else torch.arange(L, device=dev).expand(B, L)
             lead = full.shape[:-2]
             full = full.expand(*lead, B, L)
+            if regrid and self.adapter.mrope:
+                full, shift = self._regrid_positions(full, regrid)
             kwargs["position_ids"] = full.gather(-1, idx.expand(*lead, B, Lp))
             next_pos = full.masked_fill(~real, -1).amax(-1) + 1
         if kwargs.get("cache_position") is not None:
@@ -800,7 +822,37 @@ class PatchState:
         dropped_at = (real & ~keep).nonzero()
         last_dropped = int(dropped_at[:, 1].max()) if dropped_at.numel() else -1
         self.record = _Prefill(idx, slot_valid, L, Lp, n_real - n_keep, contiguous, next_pos, last_dropped, seen=Lp)
+        if regrid and self.adapter.mrope and not contiguous:
+            self.record.shift = shift
         return args, kwargs
+
+    @staticmethod
+    def _regrid_positions(
+        full: torch.Tensor, regrid: list[tuple[Segment, torch.Tensor, tuple[int, int, int]]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE positions for images whose kept tokens form a smaller grid (:attr:`Selection.grid`).
+
+        ``full`` is ``(3|4, B, L)`` (the last three rows are the temporal, height and width ids; a leading text
+        row is left alone). The kept tokens of each such image get ``h`` / ``w`` ids ``first + i'`` / ``first + j'``
+        on their new ``(t, h', w')`` grid (``first``: the image's first id on that axis; the temporal id is the
+        representative's own), and every later token of the row moves down by as much as the image's largest id
+        fell, so the text after it continues right after the smaller image, as Qwen-VL's ``get_rope_index``
+        numbers a prompt built for the smaller image. Returns the new positions and the total move per row.
+        """
+        full = full.clone()
+        shift = torch.zeros(full.shape[-2], dtype=full.dtype, device=full.device)
+        for seg, kept, (t2, h2, w2) in sorted(regrid, key=lambda x: (x[0].row, int(x[0].positions[0]))):
+            r = seg.row
+            axes = full[-3:, r]  # (3, L) view
+            orig = axes[:, seg.positions]
+            k = torch.arange(t2 * h2 * w2, device=full.device)
+            axes[1, kept] = orig[1, 0] + (k % (h2 * w2)) // w2
+            axes[2, kept] = orig[2, 0] + k % w2
+            delta = orig.max() - axes[:, kept].max()
+            last = int(seg.positions[-1])
+            axes[:, last + 1 :] -= delta
+            shift[r] += delta
+        return full, shift
 
     def _plan_in_llm(self, segments: list[Segment], real: torch.Tensor, t0: float) -> None:
         """Methods that prune inside the LLM (FastV): the LLM input stays whole; hand the method each image's
@@ -884,6 +936,11 @@ class PatchState:
         elif rec.contiguous and isinstance(pos, torch.Tensor) and pos.ndim == 2:
             # generate's positions count the dropped tokens; contiguous numbering does not
             kwargs["position_ids"] = pos - rec.dropped.to(pos.device, pos.dtype)[:, None]
+        elif rec.shift is not None and isinstance(pos, torch.Tensor) and pos.ndim == 3:
+            # generate's M-RoPE positions continue the original prompt; a re-gridded image moved the text down
+            pos = pos.clone()
+            pos[-3:] -= rec.shift.to(pos.device, pos.dtype)[None, :, None]
+            kwargs["position_ids"] = pos
         if kwargs.get("cache_position") is not None:
             cp = kwargs["cache_position"]
             kwargs["cache_position"] = torch.arange(clen, clen + q, device=cp.device, dtype=cp.dtype)

@@ -22,7 +22,7 @@ __all__ = ["LlavaAdapter"]
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
     mrope = False
-    provides = frozenset({"vit_attention", "vit_cls_attention"})
+    provides = frozenset({"vit_attention", "vit_cls_attention", "encoder_resize", "encoder_pool"})
 
     @staticmethod
     def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -58,6 +58,63 @@ class LlavaAdapter(Adapter):
         vc = model.config.vision_config
         side = int(vc.image_size) // int(vc.patch_size)
         return ClipAttentionProbe(model, layers, side * side)
+
+    def install_encoder_reduction(self, ctx: Any, method: Any) -> None:
+        """``fastvlm``'s encoder side: a smaller CLIP input (``resolution``: resized pixels, interpolated position
+        embeddings) or a pooled patch grid after one block (``encoder_pool``: the later blocks run on fewer
+        tokens); either way the projector's output is spread back over the full grid (nearest cell), so LLaVA's
+        placeholders still match and each reduced token sits at its cell's centre slot, the one
+        ``method.select`` keeps. Nothing is installed when the budget keeps the whole grid."""
+        from vlmprune.errors import ConfigError
+        from vlmprune.methods.fastvlm import pool_patch_tokens, resize_frames, unpool_index
+
+        model = ctx.model
+        vc = model.config.vision_config
+        patch = int(vc.patch_size)
+        side = int(vc.image_size) // patch
+        h2, w2 = method.reduced_grid(side, side)
+        if (h2, w2) == (side, side):
+            return
+        src, _ = unpool_index((side, side), (h2, w2))
+        prefix = 1 if model.config.vision_feature_select_strategy == "full" else 0
+        tower = model.model.vision_tower
+        if method.config.strategy == "resolution":
+
+            def smaller_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                if args:
+                    args = (resize_frames(args[0], (h2 * patch, w2 * patch)), *args[1:])
+                else:
+                    kwargs["pixel_values"] = resize_frames(kwargs["pixel_values"], (h2 * patch, w2 * patch))
+                kwargs["interpolate_pos_encoding"] = True
+                return args, kwargs
+
+            ctx.register(tower.register_forward_pre_hook(smaller_input, with_kwargs=True))
+        else:
+            blocks = self._blocks(model)
+            read = self.feature_layer(model) % len(blocks)  # the block whose output LLaVA reads
+            layer = method.config.layer if method.config.layer is not None else read // 2
+            if layer >= read:
+                choice = f"pick a layer in [0, {read - 1}]" if read else "this tower is too shallow to pool inside"
+                raise ConfigError(
+                    f"layer={layer}: encoder_pool must pool before block {read}, whose output LLaVA reads "
+                    f"(vision_feature_layer={model.config.vision_feature_layer}); {choice}."
+                )
+
+            def pool_after(module: nn.Module, args: tuple, output: Any) -> Any:
+                hidden = output[0] if isinstance(output, tuple) else output
+                pooled = pool_patch_tokens(hidden, (side, side), (h2, w2), prefix=1)  # CLS is first in the tower
+                return (pooled, *output[1:]) if isinstance(output, tuple) else pooled
+
+            ctx.register(blocks[layer].register_forward_hook(pool_after))
+
+        def spread(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if output.shape[-2] != prefix + h2 * w2:
+                return None
+            idx = src.to(output.device)
+            return torch.cat([output[..., :prefix, :], output[..., prefix:, :][..., idx, :]], dim=-2)
+
+        # after the projector, so it too runs on the reduced tokens only
+        ctx.register(model.model.multi_modal_projector.register_forward_hook(spread))
 
     def _grid(self, n: int, model: nn.Module) -> tuple[tuple[int, int, int], int]:
         vc = model.config.vision_config

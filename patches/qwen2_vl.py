@@ -22,7 +22,7 @@ __all__ = ["Qwen2VLAdapter"]
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
     mrope = True
-    provides = frozenset({"vit_attention"})
+    provides = frozenset({"vit_attention", "encoder_resize"})
 
     def vit_depth(self, model: nn.Module) -> int:
         return len(model.model.visual.blocks)
@@ -36,6 +36,75 @@ class Qwen2VLAdapter(Adapter):
     def layer_capture(self, model: nn.Module, layer: int) -> QwenAttentionProbe:
         """Attention received and head-mean keys of one block, per LLM token of each image (no CLS here)."""
         return QwenAttentionProbe(model, [layer], with_keys=True)
+
+    def install_encoder_reduction(self, ctx: Any, method: Any) -> None:
+        """``fastvlm``'s ``resolution``: each image's (video's) patches are turned back into frames, resized to the
+        reduced grid (a multiple of the merge size, as the processor's dynamic resolution would produce) and
+        re-patched, and the vision tower runs natively on that grid; its merged tokens are then spread back over
+        the original grid (nearest cell), so the placeholders still match and each reduced token sits at its
+        cell's centre slot, the one ``method.select`` keeps and gives the smaller grid's M-RoPE positions."""
+        from vlmprune.methods.fastvlm import patchify_qwen, resize_frames, unpatchify_qwen, unpool_index
+
+        model = ctx.model
+        vc = model.config.vision_config
+        m, patch = int(vc.spatial_merge_size), int(vc.patch_size)
+        temporal, channels = int(vc.temporal_patch_size), int(getattr(vc, "in_channels", 3))
+        visual = model.model.visual
+        pending: list[list[Any]] = []
+
+        def smaller_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            pixels = args[0] if args else kwargs["hidden_states"]
+            grids = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+            rows, new_grids, plan, start = [], [], [], 0
+            for t, h, w in grids.tolist():
+                n = t * h * w
+                part = pixels[start : start + n]
+                start += n
+                h2, w2 = method.reduced_grid(h // m, w // m, t)
+                plan.append(((t, h // m, w // m), (h2, w2)))
+                if (h2, w2) == (h // m, w // m):  # the budget leaves this one whole
+                    rows.append(part)
+                    new_grids.append((t, h, w))
+                    continue
+                frames = unpatchify_qwen(part, (t, h, w), channels, temporal, patch, m)
+                frames = resize_frames(frames, (h2 * m * patch, w2 * m * patch))
+                rows.append(patchify_qwen(frames, temporal, patch, m))
+                new_grids.append((t, h2 * m, w2 * m))
+            whole = all(old[1:] == new for old, new in plan)
+            pending.append(None if whole else plan)
+            if whole:
+                return None
+            new_pixels = torch.cat(rows)
+            new_grid = torch.tensor(new_grids, dtype=grids.dtype, device=grids.device)
+            args = (new_pixels, *args[1:]) if args else args
+            if not args:
+                kwargs["hidden_states"] = new_pixels
+            if "grid_thw" in kwargs:
+                kwargs["grid_thw"] = new_grid
+            else:
+                args = (args[0], new_grid, *args[2:])
+            return args, kwargs
+
+        def spread(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            plan = pending.pop() if pending else None
+            if plan is None:
+                return None
+            merged = getattr(output, "pooler_output", output)
+            parts, start = [], 0
+            for (t, h, w), (h2, w2) in plan:
+                n = t * h2 * w2
+                src, _ = unpool_index((h, w), (h2, w2))
+                frames = merged[start : start + n].reshape(t, h2 * w2, -1)
+                parts.append(frames[:, src.to(merged.device)].reshape(t * h * w, -1))
+                start += n
+            full = torch.cat(parts)
+            if hasattr(output, "pooler_output"):
+                output.pooler_output = full
+                return output
+            return full
+
+        ctx.register(visual.register_forward_pre_hook(smaller_input, with_kwargs=True))
+        ctx.register(visual.register_forward_hook(spread, with_kwargs=True, always_call=True))
 
     def _items(
         self, kind: str, grids: torch.Tensor, pixels: torch.Tensor | None, model: nn.Module

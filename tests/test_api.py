@@ -308,12 +308,15 @@ def test_methods_needing_vit_signals_are_refused_where_unavailable():
         for method in vlmprune.list_methods():
             if supports(model, method):
                 continue
-            with pytest.raises(vlmprune.UnsupportedModelError, match=rf"method '{method}' needs \['vit_attention'\]"):
+            need = sorted(vlmprune.make_config(method).build().requires)
+            with pytest.raises(vlmprune.UnsupportedModelError, match=rf"method '{method}' needs \{need}"):
                 vlmprune.patch(model, method=method)
             assert not vlmprune.is_patched(model)
             refused.append((family, method))
     assert ("fast_vlm", "hiprune") in refused and ("fast_vlm", "visionzip") in refused
-    assert all(f == "fast_vlm" for f, _ in refused), refused  # the ViT families support every method
+    # the ViT families support every method, except fastvlm's default strategy (resolution) on Qwen3-VL, not
+    # done yet there (tests/test_fastvlm.py checks the strategies' refusals)
+    assert all(f == "fast_vlm" or (f, m) == ("qwen3_vl", "fastvlm") for f, m in refused), refused
 
 
 def test_fast_vlm_grid_from_the_feature_map():

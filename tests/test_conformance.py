@@ -87,6 +87,28 @@ def test_keep_all_is_bit_identical(model, method, padding_side):
     assert stats["vision_tokens_in"] == stats["vision_tokens_out"] > 0
 
 
+def _fastvlm_counts(model, inputs, per_row, keep):
+    """Per row: vision tokens ``fastvlm`` lets through, from each image's token grid (the input's geometry)."""
+    from vlmprune.methods.fastvlm import target_side
+
+    if model.config.model_type == "llava":
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        grids = iter([(1, side, side)] * sum(len(r) for r in per_row))
+    else:
+        m = model.config.vision_config.spatial_merge_size
+        grids = iter([(t, h // m, w // m) for t, h, w in inputs["image_grid_thw"].tolist()])
+    out = []
+    for row in per_row:
+        total = 0
+        for n in row:
+            t, h, w = next(grids)
+            assert t * h * w == n
+            h2, w2 = target_side(h, w, max(1, resolve_budget(keep, n) // t))
+            total += t * h2 * w2
+        out.append(total)
+    return out
+
+
 @pytest.mark.parametrize("keep", KEEPS)
 @pytest.mark.parametrize("method", METHODS)
 def test_llm_receives_exactly_the_budget(model, method, keep):
@@ -95,6 +117,8 @@ def test_llm_receives_exactly_the_budget(model, method, keep):
     n_real = inputs["attention_mask"].sum(-1)
     per_row = _vision_counts(model, inputs)
     expected_vision = torch.tensor([sum(resolve_budget(keep, n) for n in row) for row in per_row])
+    if method == "fastvlm":  # a whole smaller grid: the largest one within the budget (tests/test_fastvlm.py)
+        expected_vision = torch.tensor(_fastvlm_counts(model, inputs, per_row, keep))
     n_text = n_real - torch.tensor([sum(row) for row in per_row])
     vlmprune.patch(model, method=method, keep=keep)
     with LLMProbe(model, at_cut=True) as probe, torch.no_grad():
@@ -186,7 +210,9 @@ def test_unpatch_restores_everything(model, method):
 
 
 @pytest.mark.parametrize("family", sorted(MRoPE))
-@pytest.mark.parametrize("method", METHODS)
+# fastvlm's resolution strategy gives its tokens the smaller grid's positions: tests/test_fastvlm.py checks them
+# against the unpatched model prompted with the smaller image
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "fastvlm"])
 def test_qwen_keeps_original_mrope_positions(family, method):
     """Kept tokens carry original M-RoPE positions (a subset of their row's), and decoding continues exactly
     like the unpatched model. (Exact positions per kept embedding: the next test; FastV: tests/test_fastv.py.)"""

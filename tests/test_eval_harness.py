@@ -53,7 +53,7 @@ def results(tmp_path_factory):
         json.dumps(
             {
                 "models": ["timing:llava-tiny", "timing:qwen2-vl-tiny"],
-                "methods": ["uniform", "hiprune", "fastv", "damro", "damro+uniform"],
+                "methods": ["uniform", "hiprune", "fastv", "damro", "damro+uniform", "fastvlm:resolution"],
                 "keep": [0.5],
                 "rounds": 1,
                 "warmup": 0,
@@ -70,7 +70,9 @@ def results(tmp_path_factory):
 def test_rows_carry_the_promised_fields(results):
     out, _, _ = results
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(rows) == 2 * 6  # unpatched + 3 methods + DAMRO alone (keep 1.0 only) + DAMRO on uniform, per model
+    # unpatched + 3 methods + DAMRO alone (keep 1.0 only) + DAMRO on uniform + FastVLM-style resolution, per model
+    assert len(rows) == 2 * 7
+    base = {r["model"]: r for r in rows if r["method"] is None}
     for r in rows:
         for key in (
             "config",
@@ -82,6 +84,8 @@ def test_rows_carry_the_promised_fields(results):
             "flops_counter",
             "ttft_ms_median",
             "ttft_ms_min",
+            "vision_ms_median",
+            "llm_prefill_ms_median",
             "cpu_per_wall",
             "decode_tokens_per_s",
             "kv_cache_bytes",
@@ -91,7 +95,10 @@ def test_rows_carry_the_promised_fields(results):
         # the analytic formula equals torch's counter exactly for the plain cut; methods that compute extra
         # attention scores (HiPrune's two ViT layers, FastV's layer K-1 ranking) cost a little more than the formula
         # (DAMRO: its branch is in both; the counter also sees its outlier score, hence <= 1, not == 1)
-        if r["method"] in (None, "uniform"):
+        assert 0 < r["vision_ms_median"] and r["llm_prefill_ms_median"] == pytest.approx(
+            r["ttft_ms_median"] - r["vision_ms_median"]
+        )
+        if r["method"] in (None, "uniform", "fastvlm:resolution"):
             # (rel 1e-3: transformers 5.0's RoPE computes its angles with a matmul the counter sees, ~1e-4)
             assert r["flops_analytic_over_counter"] == pytest.approx(1.0, rel=1e-3), r["method"]
         else:
@@ -99,6 +106,9 @@ def test_rows_carry_the_promised_fields(results):
         if r["method"] == "damro":  # the whole image in the main branch, plus the branch: dearer than unpatched
             assert r["config"]["keep"] == 1.0 and r["vision_tokens_at_llm"] == r["vision_tokens_in"]
             assert r["flop_bound_speedup"] < 1.0
+        elif r["method"] == "fastvlm:resolution":  # 4x4 tokens, budget 8: the largest grid within it, 2x3
+            assert r["config"]["strategy"] == "resolution" and r["vision_tokens_at_llm"] == 6
+            assert r["flops"]["vision"] < 0.5 * base[r["model"]]["flops"]["vision"]  # the encoder's own saving
         elif r["method"] is not None:
             assert r["config"]["keep"] == 0.5 and r["vision_tokens_at_llm"] == r["vision_tokens_in"] // 2
             if r["method"] != "damro+uniform":  # (on tiny models the branch can cost more than pruning saves)
@@ -138,6 +148,6 @@ def test_report_writes_tables_and_plots(results, tmp_path):
     md = (tmp_path / "r.md").read_text()
     for m in ("unpatched", "uniform", "hiprune", "fastv", "damro+uniform"):
         assert m in md
-    assert (tmp_path / "r.csv").read_text().count("\n") == 1 + 12
+    assert (tmp_path / "r.csv").read_text().count("\n") == 1 + 14
     png = tmp_path / "r_speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

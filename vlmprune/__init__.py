@@ -36,6 +36,7 @@ from .errors import (
 )
 from .methods.damro import DamroConfig
 from .methods.fastv import FastVConfig
+from .methods.fastvlm import FastVLMConfig
 from .methods.hiprune import HiPruneConfig
 from .methods.pool import PoolConfig
 from .methods.random import RandomConfig
@@ -64,6 +65,7 @@ __all__ = [
     "FastVConfig",
     "VQTokenConfig",
     "DamroConfig",
+    "FastVLMConfig",
     "VlmpruneError",
     "UnknownMethodError",
     "UnsupportedModelError",

@@ -106,13 +106,21 @@ def llm_flops_in_llm_pruning(
     return full + rest, logits * head, decode
 
 
-def _clip_flops(vc: Any, n_images: int, vit_layers: int) -> float:
+def _clip_flops(
+    vc: Any, n_images: int, vit_layers: int, patches: int | None = None, pooled: tuple[int, int] | None = None
+) -> float:
+    """CLIP tower FLOPs: ``patches`` patches per image (default: the configured grid); ``pooled = (layer, P2)``:
+    the blocks after ``layer`` run on ``P2`` patches (fastvlm's encoder_pool)."""
     p = vc.patch_size
-    P = (vc.image_size // p) ** 2
-    N = P + 1
+    P = patches if patches is not None else (vc.image_size // p) ** 2
     d, f = vc.hidden_size, vc.intermediate_size
-    per_layer = 8 * N * d * d + 4 * N * d * f + 4 * N * N * d
-    return float(n_images * (2 * P * 3 * p * p * d + vit_layers * per_layer))
+
+    def per_layer(n: int) -> int:
+        n += 1  # CLS
+        return 8 * n * d * d + 4 * n * d * f + 4 * n * n * d
+
+    layers = sum(per_layer(pooled[1] if pooled is not None and i > pooled[0] else P) for i in range(vit_layers))
+    return float(n_images * (2 * P * 3 * p * p * d + layers))
 
 
 def _qwen_vision_flops(vc: Any, grids: list[tuple[int, int, int]], window: bool) -> float:
@@ -155,23 +163,51 @@ def vision_flops(
     n_images: int = 0,
     grids: list[tuple[int, int, int]] | None = None,
     vit_layers: int | None = None,
+    config: Any = None,
 ) -> tuple[float, float]:
     """``(vision tower, projector)`` FLOPs for the images of one prompt.
 
     LLaVA: ``n_images`` images; ``vit_layers`` = blocks run (default: all of them). Qwen-VL:
     ``grids`` = ``(t, h, w)`` patch grids (the merger is counted in the vision tower, as it lives there).
+    ``config``: a ``fastvlm`` config makes the encoder's own work shrink (``resolution``: the smaller input;
+    ``encoder_pool``: the blocks after its layer on the pooled grid, and the projector on the reduced tokens).
     """
     mt = model_config.model_type
     vc = model_config.vision_config
+    strategy = getattr(config, "strategy", None) if getattr(config, "name", None) == "fastvlm" else None
     if mt == "llava":
         if vit_layers is None:
             vit_layers = vc.num_hidden_layers
-        P = (vc.image_size // vc.patch_size) ** 2
+        side = vc.image_size // vc.patch_size
+        P = side * side
+        P_in, P_out, pooled = P, P, None
+        if strategy in ("resolution", "encoder_pool"):
+            from .methods.fastvlm import target_side
+
+            h2, w2 = target_side(side, side, config.budget(P))
+            P_out = h2 * w2
+            if strategy == "resolution":
+                P_in = P_out
+            else:
+                vfl = model_config.vision_feature_layer
+                vfl = vfl[-1] if isinstance(vfl, (list, tuple)) else vfl
+                read = (vfl - 1 if vfl >= 0 else vfl) % vc.num_hidden_layers
+                pooled = (config.layer if config.layer is not None else read // 2, P_out)
         dt = model_config.text_config.hidden_size
-        proj = n_images * (2 * P * vc.hidden_size * dt + 2 * P * dt * dt)
-        return _clip_flops(vc, n_images, vit_layers), float(proj)
+        proj = n_images * (2 * P_out * vc.hidden_size * dt + 2 * P_out * dt * dt)
+        return _clip_flops(vc, n_images, vit_layers, P_in, pooled), float(proj)
     if mt in ("qwen2_vl", "qwen2_5_vl"):
-        return _qwen_vision_flops(vc, list(grids or []), window=mt == "qwen2_5_vl"), 0.0
+        grids = list(grids or [])
+        if strategy == "resolution":
+            from .methods.fastvlm import target_side
+
+            m = vc.spatial_merge_size
+            small = []
+            for t, h, w in grids:
+                h2, w2 = target_side(h // m, w // m, max(1, config.budget(t * (h // m) * (w // m)) // t))
+                small.append((t, h2 * m, w2 * m))
+            grids = small
+        return _qwen_vision_flops(vc, grids, window=mt == "qwen2_5_vl"), 0.0
     raise ValueError(f"no FLOP formula for model_type {mt!r}")
 
 
@@ -202,7 +238,8 @@ def prefill_flops(
     Raises:
         ValueError: the model type has no FLOP formula (see :func:`vision_flops`).
     """
-    vision, proj = vision_flops(model_config, n_images=n_images, grids=grids, vit_layers=vit_layers)
+    inner = config.prune_config() if getattr(config, "name", None) == "damro" else config
+    vision, proj = vision_flops(model_config, n_images=n_images, grids=grids, vit_layers=vit_layers, config=inner)
     tc = model_config.get_text_config()
     damro = config if getattr(config, "name", None) == "damro" else None
     inner = damro.prune_config() if damro is not None else config

@@ -19,6 +19,7 @@ METHODS.register("visionzip", "vlmprune.methods.visionzip:VisionZipConfig")
 METHODS.register("fastv", "vlmprune.methods.fastv:FastVConfig")
 METHODS.register("vqtoken", "vlmprune.methods.vqtoken:VQTokenConfig")
 METHODS.register("damro", "vlmprune.methods.damro:DamroConfig")
+METHODS.register("fastvlm", "vlmprune.methods.fastvlm:FastVLMConfig")
 
 
 def register_method(name: str, config_cls: str | type, *, replace: bool = False) -> None:

@@ -76,11 +76,16 @@ class Selection:
         tokens: ``(K, D)`` replacement values for merging methods (``tokens[i]`` is placed at
             ``indices[i]``), or ``None`` to keep the original rows.
         info: anything worth showing in :func:`vlmprune.last_stats` (small, JSON-friendly).
+        grid: ``(t, h', w')`` when the kept tokens *are* a smaller image's token grid (in raster order), as
+            ``fastvlm``'s resolution strategy makes them: M-RoPE models then give them that grid's positions and
+            move the text after the image accordingly, as the processor would have for the smaller image, instead
+            of the original positions of ``indices``. ``None`` (the default): original positions.
     """
 
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grid: tuple[int, int, int] | None = None
 
 
 class PatchContext(Protocol):
