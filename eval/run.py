@@ -494,7 +494,15 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
                 )
     # ideal = the unpatched modules on the kept tokens: defined for pruning at the LLM input (not FastV, which prunes
     # inside the LLM, nor DAMRO, whose second branch no ideal run has)
-    plain = [(m, k) for m, k in settings if m is not None and not m.endswith("fastv") and not m.startswith("damro")]
+    # (nor fastvlm's resolution / encoder_pool, whose encoder work differs from uniform's)
+    plain = [
+        (m, k)
+        for m, k in settings
+        if m is not None
+        and not m.endswith("fastv")
+        and not m.startswith("damro")
+        and getattr(setting_config(m, k), "strategy", "pool") == "pool"
+    ]
     keeps = list({repr(k): k for m, k in plain}.values())
     ideal_check: dict[Any, float] = {}
     if cfg.ideal:

@@ -695,7 +695,7 @@ class PatchState:
         if sel.info:
             info.update(sel.info)
         grid = None
-        if sel.grid is not None:
+        if sel.grid is not None and self.adapter.mrope:  # 1-D RoPE: kept tokens are numbered in order anyway
             grid = tuple(int(v) for v in sel.grid)
             if len(grid) != 3 or grid[0] * grid[1] * grid[2] != int(sel.indices.numel()) or seg.prefix:
                 raise RuntimeError(

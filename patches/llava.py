@@ -38,6 +38,14 @@ class LlavaAdapter(Adapter):
         # hidden_states[i] is the output of block i - 1 (index 0 = embeddings)
         return layer - 1 if layer >= 0 else layer
 
+    @staticmethod
+    def first_read_block(model: nn.Module) -> int:
+        """The earliest CLIP block whose output LLaVA reads (``vision_feature_layer`` may list several)."""
+        layers = model.config.vision_feature_layer
+        layers = layers if isinstance(layers, (list, tuple)) else [layers]
+        depth = model.config.vision_config.num_hidden_layers
+        return min((layer - 1 if layer >= 0 else layer) % depth for layer in layers)
+
     def layer_capture(self, model: nn.Module, layer: int) -> ClipLayerCapture:
         """CLS-row attention, head-mean keys and output hidden states of one block, per image."""
         vc = model.config.vision_config
@@ -81,6 +89,7 @@ class LlavaAdapter(Adapter):
         if method.config.strategy == "resolution":
 
             def smaller_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                method.reduced_now = True
                 if args:
                     args = (resize_frames(args[0], (h2 * patch, w2 * patch)), *args[1:])
                 else:
@@ -91,7 +100,7 @@ class LlavaAdapter(Adapter):
             ctx.register(tower.register_forward_pre_hook(smaller_input, with_kwargs=True))
         else:
             blocks = self._blocks(model)
-            read = self.feature_layer(model) % len(blocks)  # the block whose output LLaVA reads
+            read = self.first_read_block(model)
             layer = method.config.layer if method.config.layer is not None else read // 2
             if layer >= read:
                 choice = f"pick a layer in [0, {read - 1}]" if read else "this tower is too shallow to pool inside"
@@ -101,6 +110,7 @@ class LlavaAdapter(Adapter):
                 )
 
             def pool_after(module: nn.Module, args: tuple, output: Any) -> Any:
+                method.reduced_now = True
                 hidden = output[0] if isinstance(output, tuple) else output
                 pooled = pool_patch_tokens(hidden, (side, side), (h2, w2), prefix=1)  # CLS is first in the tower
                 return (pooled, *output[1:]) if isinstance(output, tuple) else pooled

@@ -74,6 +74,7 @@ class Qwen2VLAdapter(Adapter):
             pending.append(None if whole else plan)
             if whole:
                 return None
+            method.reduced_now = True
             new_pixels = torch.cat(rows)
             new_grid = torch.tensor(new_grids, dtype=grids.dtype, device=grids.device)
             args = (new_pixels, *args[1:]) if args else args
@@ -87,7 +88,7 @@ class Qwen2VLAdapter(Adapter):
 
         def spread(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             plan = pending.pop() if pending else None
-            if plan is None:
+            if plan is None or output is None:  # nothing reduced, or the tower raised
                 return None
             merged = getattr(output, "pooler_output", output)
             parts, start = [], 0

@@ -298,3 +298,59 @@ def test_encoder_flops_fall_and_match_the_counter(family, strategy):
         assert counted["vision"] < 0.35 * full["vision"]
     else:  # the blocks after the middle one on a quarter of the patches
         assert counted["vision"] < 0.8 * full["vision"]
+
+
+@pytest.mark.parametrize("strategy", ["resolution", "encoder_pool"])
+def test_llava_full_feature_strategy_keeps_cls(strategy):
+    """With vision_feature_select_strategy="full" the CLS token reaches the LLM too: kept, before the grid."""
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
+        patch_size=14, projection_dim=32,
+    )  # fmt: skip
+    model = tiny_model("llava", seed=3, vision_config=vision, vision_feature_select_strategy="full")
+    inputs = make_inputs(model, [[3, "image", 2]])
+    with vlmprune.patched(model, "fastvlm", keep=0.25, strategy=strategy), torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        st = vlmprune.last_stats(model)
+    (img,) = st["images"]
+    assert (img["tokens_in"], img["tokens_out"]) == (17, 1 + 4)
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_qwen_video_frames_shrink_and_keep_their_positions():
+    """A video's frames are resampled like images, but keep their cells' original M-RoPE positions (the text after
+    a video is numbered differently across releases); a budget below the frame count is refused."""
+    model = tiny_model("qwen2_vl", seed=1)
+    inputs = make_inputs(model, [[3, ("video", 4, 8, 8), 2]])
+    with torch.no_grad(), LLMProbe(model) as ref:
+        model(**inputs)
+    with vlmprune.patched(model, "fastvlm", keep=0.25), LLMProbe(model) as got, torch.no_grad():
+        model(**inputs)
+        st = vlmprune.last_stats(model)
+    (vid,) = st["images"]
+    t = vid["grid"][0]
+    assert vid["kind"] == "video" and t > 1 and vid["tokens_in"] == t * 16 and vid["tokens_out"] == t * 4
+    valid = valid_slots(got.calls[0])[0]
+    orig = {tuple(c) for c in ref.calls[0]["position_ids"][-3:, 0].T.tolist()}
+    kept = [tuple(c) for c in got.calls[0]["position_ids"][-3:, 0][:, valid].T.tolist()]
+    assert set(kept) <= orig and len(set(kept)) == len(kept)
+    with vlmprune.patched(model, "fastvlm", keep=1), pytest.raises(vlmprune.UnsupportedInputError, match="frames"):
+        with torch.no_grad():
+            model(**inputs)
+
+
+def test_features_encoded_before_patching_are_refused():
+    """resolution / encoder_pool act inside the encoder: features the unpatched model encoded are refused rather
+    than given the smaller grid's positions."""
+    import inspect
+
+    model = tiny_model("qwen2_vl", seed=1)
+    if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers release takes no pre-encoded vision features")
+    inputs = make_inputs(model, [[3, ("image", 8, 8), 2]])
+    with torch.no_grad():
+        enc = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    kw = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with vlmprune.patched(model, "fastvlm", keep=0.25), pytest.raises(vlmprune.UnsupportedInputError, match="pool"):
+        with torch.no_grad():
+            model(**kw, mm_encoder_outputs={"image": enc})

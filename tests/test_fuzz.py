@@ -122,6 +122,11 @@ def _expected_refusal(case: dict[str, Any], inputs: dict[str, torch.Tensor]) -> 
         return "UnsupportedModelError"  # no ViT attention to read (README, patches/fast_vlm.py)
     if case["family"] in ("fast_vlm", "qwen3_vl") and "fastvlm" in methods:
         return "UnsupportedModelError"  # fastvlm's default strategy (resolution): LLaVA, Qwen2-VL, Qwen2.5-VL only
+    if "fastvlm" in methods and inputs.get("video_grid_thw") is not None:
+        m = 2  # the tiny Qwen configs' merge size
+        for t, h, w in inputs["video_grid_thw"].tolist():
+            if resolve_budget(case["keep"], t * (h // m) * (w // m)) < t:
+                return "UnsupportedInputError"  # every frame keeps at least one token
     padded = bool((inputs["attention_mask"] == 0).any())
     if case["method"] == "damro" and (case["gen"] == "beams" or (case["padding_side"] == "right" and padded)):
         return "UnsupportedInputError"  # the contrastive branch follows neither beams nor right padding

@@ -190,8 +190,8 @@ def vision_flops(
                 P_in = P_out
             else:
                 vfl = model_config.vision_feature_layer
-                vfl = vfl[-1] if isinstance(vfl, (list, tuple)) else vfl
-                read = (vfl - 1 if vfl >= 0 else vfl) % vc.num_hidden_layers
+                vfl = vfl if isinstance(vfl, (list, tuple)) else [vfl]
+                read = min((v - 1 if v >= 0 else v) % vc.num_hidden_layers for v in vfl)
                 pooled = (config.layer if config.layer is not None else read // 2, P_out)
         dt = model_config.text_config.hidden_size
         proj = n_images * (2 * P_out * vc.hidden_size * dt + 2 * P_out * dt * dt)

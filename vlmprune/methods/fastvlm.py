@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PruneConfig, _check_keep
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedInputError
 from .base import ImageTokens, Method, Selection
 from .pool import pool_tokens
 
@@ -201,6 +201,7 @@ class FastVLMMethod(Method):
             "pool": frozenset(),
         }[config.strategy]
         self._hooks: Any = None
+        self.reduced_now = False
         self.unsupported_hint = {
             "resolution": "strategy='resolution' resizes the input of a CLIP tower (LLaVA) or of Qwen2-VL / "
             "Qwen2.5-VL's ViT; on this model use strategy='pool'.",
@@ -211,8 +212,27 @@ class FastVLMMethod(Method):
 
     def reduced_grid(self, h: int, w: int, t: int = 1) -> tuple[int, int]:
         """The reduced ``(h', w')`` of a ``(t, h, w)`` token grid under this config (the budget is per image or
-        video, spread over its ``t`` frames)."""
-        return target_side(h, w, max(1, self.config.budget(t * h * w) // t))
+        video, spread over its ``t`` frames: every frame keeps at least one token).
+
+        Raises:
+            UnsupportedInputError: a video's budget is smaller than its number of frames.
+        """
+        budget = self.config.budget(t * h * w)
+        if budget < t:
+            raise UnsupportedInputError(
+                f"fastvlm reduces each frame's grid, so a video of {t} frames keeps at least {t} tokens, but the "
+                f"budget is {budget} (keep={self.config.keep!r} of {t * h * w}): raise keep, or use another method "
+                "for this video."
+            )
+        return target_side(h, w, budget // t)
+
+    def begin_encode(self, kind: str) -> None:
+        self.reduced_now = False  # set by the adapter's encoder hooks when they shrink this encoding
+
+    def end_encode(self, kind: str, features: list[torch.Tensor]) -> list[dict[str, Any]] | None:
+        if self.config.strategy == "pool":
+            return None
+        return [{"fastvlm_reduced": self.reduced_now} for _ in features]
 
     def attach(self, ctx: Any) -> None:
         if self.config.strategy != "pool":
@@ -226,7 +246,16 @@ class FastVLMMethod(Method):
         if self.config.strategy == "pool":
             tokens, reps = pool_tokens(item.features, item.grid, item.budget)
             return Selection(reps, tokens)
+        if not item.extras.get("fastvlm_reduced"):
+            raise UnsupportedInputError(
+                f"fastvlm's {self.config.strategy!r} strategy reduces inside the vision encoder, but these "
+                f"{item.kind} features did not come through the patched encoder (features encoded before patching, "
+                "e.g. passed as mm_encoder_outputs): encode them with the patched model, or use strategy='pool'."
+            )
         h2, w2 = self.reduced_grid(h, w, t)
         _, reps = unpool_index((h, w), (h2, w2))
         reps = (torch.arange(t)[:, None] * (h * w) + reps[None, :]).reshape(-1).to(item.features.device)
-        return Selection(reps, None, {"reduced_grid": [t, h2, w2]}, grid=(t, h2, w2))
+        # images get the smaller grid's positions; a video's frames keep their cells' original positions (the
+        # releases number the text after a video differently, by the largest id or by its spatial extent)
+        grid = (t, h2, w2) if t == 1 else None
+        return Selection(reps, None, {"reduced_grid": [t, h2, w2]}, grid=grid)
