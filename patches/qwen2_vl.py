@@ -42,7 +42,8 @@ class Qwen2VLAdapter(Adapter):
         reduced grid (a multiple of the merge size, as the processor's dynamic resolution would produce) and
         re-patched, and the vision tower runs natively on that grid; its merged tokens are then spread back over
         the original grid (nearest cell), so the placeholders still match and each reduced token sits at its
-        cell's centre slot, the one ``method.select`` keeps and gives the smaller grid's M-RoPE positions."""
+        cell's centre slot, the one ``method.select`` keeps and gives the smaller grid's M-RoPE positions (Qwen3-VL:
+        its DeepStack features are spread the same way, so each kept token carries its own rows)."""
         from vlmprune.methods.fastvlm import patchify_qwen, resize_frames, unpatchify_qwen, unpool_index
 
         model = ctx.model
@@ -90,19 +91,22 @@ class Qwen2VLAdapter(Adapter):
             plan = pending.pop() if pending else None
             if plan is None or output is None:  # nothing reduced, or the tower raised
                 return None
-            merged = getattr(output, "pooler_output", output)
-            parts, start = [], 0
-            for (t, h, w), (h2, w2) in plan:
-                n = t * h2 * w2
-                src, _ = unpool_index((h, w), (h2, w2))
-                frames = merged[start : start + n].reshape(t, h2 * w2, -1)
-                parts.append(frames[:, src.to(merged.device)].reshape(t * h * w, -1))
-                start += n
-            full = torch.cat(parts)
-            if hasattr(output, "pooler_output"):
-                output.pooler_output = full
-                return output
-            return full
+            def spread_rows(merged: torch.Tensor) -> torch.Tensor:
+                parts, start = [], 0
+                for (t, h, w), (h2, w2) in plan:
+                    n = t * h2 * w2
+                    src, _ = unpool_index((h, w), (h2, w2))
+                    frames = merged[start : start + n].reshape(t, h2 * w2, -1)
+                    parts.append(frames[:, src.to(merged.device)].reshape(t * h * w, -1))
+                    start += n
+                return torch.cat(parts)
+
+            if not hasattr(output, "pooler_output"):
+                return spread_rows(output)
+            output.pooler_output = spread_rows(output.pooler_output)
+            if getattr(output, "deepstack_features", None):  # Qwen3-VL: one row per merged token too
+                output.deepstack_features = [spread_rows(f) for f in output.deepstack_features]
+            return output
 
         ctx.register(visual.register_forward_pre_hook(smaller_input, with_kwargs=True))
         ctx.register(visual.register_forward_hook(spread, with_kwargs=True, always_call=True))

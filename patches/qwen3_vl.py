@@ -22,9 +22,6 @@ __all__ = ["Qwen3VLAdapter"]
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_types = ("qwen3_vl",)
-    # no "encoder_resize" (fastvlm's resolution): not yet done for DeepStack's extra features and for videos,
-    # whose frames sit in separate timestamped groups
-    provides = frozenset({"vit_attention"})
 
     def gather_extra(self, kwargs: dict[str, Any], idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
         """Prune ``visual_pos_masks`` / ``deepstack_visual_embeds`` like the sequence (``idx`` ``(B, L')`` gathers

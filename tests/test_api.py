@@ -314,9 +314,7 @@ def test_methods_needing_vit_signals_are_refused_where_unavailable():
             assert not vlmprune.is_patched(model)
             refused.append((family, method))
     assert ("fast_vlm", "hiprune") in refused and ("fast_vlm", "visionzip") in refused
-    # the ViT families support every method, except fastvlm's default strategy (resolution) on Qwen3-VL, not
-    # done yet there (tests/test_fastvlm.py checks the strategies' refusals)
-    assert all(f == "fast_vlm" or (f, m) == ("qwen3_vl", "fastvlm") for f, m in refused), refused
+    assert all(f == "fast_vlm" for f, _ in refused), refused  # the ViT families support every method
 
 
 def test_fast_vlm_grid_from_the_feature_map():

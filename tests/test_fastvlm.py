@@ -25,7 +25,7 @@ from vlmprune.methods.fastvlm import (
 from vlmprune.testing import make_inputs, tiny_model
 
 STRATEGIES = {"llava": ["resolution", "encoder_pool", "pool"], "qwen2_vl": ["resolution", "pool"]}
-STRATEGIES["qwen2_5_vl"] = STRATEGIES["qwen2_vl"]
+STRATEGIES["qwen2_5_vl"] = STRATEGIES["qwen3_vl"] = STRATEGIES["qwen2_vl"]
 
 
 def deep_llava():
@@ -230,11 +230,11 @@ def _smaller_prompt(model, inputs, keep):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_resolution_is_the_model_prompted_with_the_smaller_images(family):
     """Two images of different shapes in one prompt: the LLM input (embeddings and M-RoPE positions, including
-    the text after each image), the decode steps' positions and the generated tokens equal the unpatched model's
-    on the same prompt built for the resized images."""
+    the text after each image; Qwen3-VL: DeepStack rows and mask), the decode steps' positions and the generated
+    tokens equal the unpatched model's on the same prompt built for the resized images."""
     model = tiny_model(family, seed=1)
     inputs = make_inputs(model, [[4, ("image", 8, 12), 3, ("image", 12, 8), 5]])
     small = _smaller_prompt(model, inputs, 0.25)
@@ -248,6 +248,10 @@ def test_qwen_resolution_is_the_model_prompted_with_the_smaller_images(family):
     valid = valid_slots(g0)[0]
     torch.testing.assert_close(g0["inputs_embeds"][0, valid], r0["inputs_embeds"][0])
     assert torch.equal(g0["position_ids"][-3:, 0][:, valid], r0["position_ids"][-3:, 0])
+    if family == "qwen3_vl":
+        assert torch.equal(g0["visual_pos_masks"][:, valid], r0["visual_pos_masks"])
+        for a, b in zip(g0["deepstack_visual_embeds"], r0["deepstack_visual_embeds"], strict=True):
+            torch.testing.assert_close(a, b)
     for step in (1, 2, 3):  # decoding continues after the smaller images, like the reference
         assert torch.equal(got.calls[step]["position_ids"][-3:], ref.calls[step]["position_ids"][-3:])
 
@@ -255,6 +259,8 @@ def test_qwen_resolution_is_the_model_prompted_with_the_smaller_images(family):
 def test_refusals_name_the_strategy_that_works():
     with pytest.raises(UnsupportedModelError, match="resolution"):
         vlmprune.patch(tiny_model("qwen2_vl"), "fastvlm", keep=0.25, strategy="encoder_pool")
+    with pytest.raises(UnsupportedModelError, match="resolution"):
+        vlmprune.patch(tiny_model("qwen3_vl"), "fastvlm", keep=0.25, strategy="encoder_pool")
     fast = tiny_model("fast_vlm")
     with pytest.raises(UnsupportedModelError):
         vlmprune.patch(fast, "fastvlm", keep=0.25, strategy="resolution")

@@ -120,8 +120,8 @@ def _expected_refusal(case: dict[str, Any], inputs: dict[str, torch.Tensor]) -> 
     methods = {case["method"], case["prune"]} - {None}
     if case["family"] == "fast_vlm" and methods & {"hiprune", "visionzip"}:
         return "UnsupportedModelError"  # no ViT attention to read (README, patches/fast_vlm.py)
-    if case["family"] in ("fast_vlm", "qwen3_vl") and "fastvlm" in methods:
-        return "UnsupportedModelError"  # fastvlm's default strategy (resolution): LLaVA, Qwen2-VL, Qwen2.5-VL only
+    if case["family"] == "fast_vlm" and "fastvlm" in methods:
+        return "UnsupportedModelError"  # fastvlm's default strategy (resolution) resizes a ViT's input
     if "fastvlm" in methods and inputs.get("video_grid_thw") is not None:
         m = 2  # the tiny Qwen configs' merge size
         for t, h, w in inputs["video_grid_thw"].tolist():

@@ -6,10 +6,11 @@ the encoder itself emits few tokens, so its own cost falls too. That encoder nee
 training-free analogue for existing LLaVA / Qwen-VL checkpoints, with three strategies:
 
 * ``resolution`` — run the unchanged encoder on a smaller image so it emits about ``keep`` of the tokens.
-  Qwen2-VL / Qwen2.5-VL: the image is resampled to the smaller patch grid (a multiple of the 2x2 merge, as the
-  processor's dynamic resolution would give) and the ViT runs natively on it, with its own rotary positions and
-  windows; the LLM gives the tokens the M-RoPE positions of the smaller grid and continues the text after it
-  (positions recomputed, not borrowed). LLaVA (CLIP, fixed 336 px): the image is resized and CLIP's position
+  Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the image is resampled to the smaller patch grid (a multiple of the 2x2
+  merge, as the processor's dynamic resolution would give) and the ViT runs natively on it, with its own rotary
+  positions and windows (Qwen3-VL's DeepStack features follow); the LLM gives an image's tokens the M-RoPE
+  positions of the smaller grid and continues the text after it (positions recomputed, not borrowed; video
+  frames keep their cells' original positions). LLaVA (CLIP, fixed 336 px): the image is resized and CLIP's position
   embeddings are interpolated (``interpolate_pos_encoding``) — off the training distribution, as methods.md warns.
 * ``encoder_pool`` — FastViTHD's idea inside a plain ViT: after block ``layer`` the patch-token grid is average-
   pooled to the target grid (``k x k`` when it divides: 24 -> 12 is 2x2; CLS kept) and the remaining blocks run
@@ -203,10 +204,10 @@ class FastVLMMethod(Method):
         self._hooks: Any = None
         self.reduced_now = False
         self.unsupported_hint = {
-            "resolution": "strategy='resolution' resizes the input of a CLIP tower (LLaVA) or of Qwen2-VL / "
-            "Qwen2.5-VL's ViT; on this model use strategy='pool'.",
-            "encoder_pool": "strategy='encoder_pool' pools inside a CLIP tower (LLaVA) only; on Qwen2-VL / "
-            "Qwen2.5-VL use strategy='resolution' (the ViT runs natively on a smaller grid), elsewhere 'pool'.",
+            "resolution": "strategy='resolution' resizes the input of a CLIP tower (LLaVA) or of a Qwen-VL ViT; on "
+            "this model use strategy='pool'.",
+            "encoder_pool": "strategy='encoder_pool' pools inside a CLIP tower (LLaVA) only; on Qwen-VL use "
+            "strategy='resolution' (the ViT runs natively on a smaller grid), elsewhere 'pool'.",
             "pool": "",
         }[config.strategy]
 
