@@ -36,6 +36,7 @@ COLUMNS = [
     ("overhead vs ideal", "overhead_ratio"),
     ("decode tok/s", "decode_tokens_per_s"),
     ("KV cache MB", "kv_mb"),
+    ("peak MB", "peak_mb"),
     ("cpu/wall", "cpu_per_wall"),
 ]
 
@@ -60,6 +61,8 @@ def load(path: str | Path) -> list[dict[str, Any]]:
         vis = [flops.get(k) for k in ("vision", "projector")]
         r["vision_gflops"] = sum(vis) / 1e9 if all(v is not None for v in vis) else None
         r["kv_mb"] = r["kv_cache_bytes"] / 2**20 if r.get("kv_cache_bytes") else None
+        peak = r.get("peak_cuda_bytes") or r.get("peak_rss_delta_bytes")
+        r["peak_mb"] = peak / 2**20 if peak else None
     return rows
 
 

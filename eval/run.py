@@ -36,7 +36,9 @@ model gets an ``unpatched`` row; every (method, keep) a row with:
   the selection plus the fixed steps the ideal skips (placeholder scatter, Qwen's M-RoPE index), which matter on
   tiny models only;
 * ``decode_tokens_per_s`` (``generate`` of N = ``--decode-tokens`` and of 1 token, interleaved:
-  ``(N - 1) / (t_N - t_1)``), ``kv_cache_bytes`` (the cache the prefill left) and ``peak_cuda_bytes`` on a GPU.
+  ``(N - 1) / (t_N - t_1)``), ``kv_cache_bytes`` (the cache the prefill left), ``peak_cuda_bytes`` on a GPU and
+  ``peak_rss_delta_bytes`` on a CPU (Linux: the resident high-water mark during one prefill above the resident
+  size when it started, reset through ``/proc/self/clear_refs``; it counts activations, not the weights).
 
 Rows carry the method config (``to_dict()``), model and dtype, attention implementation, versions, machine, git
 SHA and date. Resumable: rows already in ``--out`` with the same key (model, benchmark and n or the timing
@@ -62,7 +64,7 @@ from vlmprune import stats
 from vlmprune._ops import cache_bytes, output_cache
 
 from .accuracy import expand_settings, setting_config
-from .timing import interleaved, machine_info, sync
+from .timing import interleaved, machine_info, peak_rss_delta, sync
 
 BENCHMARKS = ("shapes", "shapes-pope", "easyvqa", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -455,7 +457,7 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
         with ctx:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            out = prefill()
+            out, peak_rss = peak_rss_delta(prefill)
             sync()
             peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
             branch_tokens, branch_kv = None, 0
@@ -476,6 +478,8 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
             "flops_analytic_over_counter": (analytic["prefill"] / counted["prefill"]) if counted else None,
             "kv_cache_bytes": (cache_bytes(output_cache(out)) or 0) + branch_kv or None,  # DAMRO: both caches
             "peak_cuda_bytes": peak,
+            # CPU: resident memory the prefill needed above what the process held when it started (Linux)
+            "peak_rss_delta_bytes": peak_rss if device == "cpu" else None,
         }
         del out
 

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,33 @@ def sync(device: torch.device | str | None = None) -> None:
     """Wait for queued device work (no-op on CPU)."""
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_delta(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run ``fn`` and return ``(its result, peak resident memory above the level when it started, in bytes)``.
+
+    Linux only (``None`` elsewhere): the kernel's resident high-water mark (``VmHWM``) is reset to the current RSS
+    through ``/proc/self/clear_refs`` before the call and read after it. Memory the allocator already held counts
+    as resident before the call, so this is what the call needed *beyond* that, not its total footprint.
+    """
+    base = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        base = None
+    out = fn()
+    peak = _status_kib("VmHWM") if base is not None else None
+    return out, (max(0, peak - base) * 1024 if peak is not None else None)
 
 
 def _cpu_model() -> str:

@@ -89,8 +89,11 @@ def test_rows_carry_the_promised_fields(results):
             "cpu_per_wall",
             "decode_tokens_per_s",
             "kv_cache_bytes",
+            "peak_rss_delta_bytes",
         ):
             assert key in r, key
+        if Path("/proc/self/clear_refs").exists():  # Linux (a tiny prefill may fit in memory already resident)
+            assert isinstance(r["peak_rss_delta_bytes"], int) and r["peak_rss_delta_bytes"] >= 0
         assert r["machine"]["git_sha"] and r["machine"]["torch"] and r["machine"]["transformers"]
         # the analytic formula equals torch's counter exactly for the plain cut; methods that compute extra
         # attention scores (HiPrune's two ViT layers, FastV's layer K-1 ranking) cost a little more than the formula
@@ -151,3 +154,24 @@ def test_report_writes_tables_and_plots(results, tmp_path):
     assert (tmp_path / "r.csv").read_text().count("\n") == 1 + 14
     png = tmp_path / "r_speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_rss_delta_sees_a_temporary_allocation():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from eval.timing import peak_rss_delta
+    finally:
+        sys.path.remove(str(ROOT))
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("Linux only")
+
+    def allocate():
+        buf = bytearray(200 * 2**20)
+        buf[::4096] = b"x" * len(buf[::4096])  # touch every page so it is resident
+        return len(buf)
+
+    n, delta = peak_rss_delta(allocate)
+    assert n == 200 * 2**20 and delta >= 150 * 2**20
+    _, idle = peak_rss_delta(lambda: None)
+    assert idle < 50 * 2**20
