@@ -182,9 +182,7 @@ def vision_flops(
         P = side * side
         P_in, P_out, pooled = P, P, None
         if strategy in ("resolution", "encoder_pool"):
-            from .methods.fastvlm import target_side
-
-            h2, w2 = target_side(side, side, config.budget(P))
+            h2, w2 = config.build().reduced_grid(side, side)  # the grid the adapter's hooks make
             P_out = h2 * w2
             if strategy == "resolution":
                 P_in = P_out
@@ -199,12 +197,10 @@ def vision_flops(
     if mt in ("qwen2_vl", "qwen2_5_vl"):
         grids = list(grids or [])
         if strategy == "resolution":
-            from .methods.fastvlm import target_side
-
-            m = vc.spatial_merge_size
+            method, m = config.build(), vc.spatial_merge_size
             small = []
             for t, h, w in grids:
-                h2, w2 = target_side(h // m, w // m, max(1, config.budget(t * (h // m) * (w // m)) // t))
+                h2, w2 = method.reduced_grid(h // m, w // m, t)  # the grid the adapter's hooks make
                 small.append((t, h2 * m, w2 * m))
             grids = small
         return _qwen_vision_flops(vc, grids, window=mt == "qwen2_5_vl"), 0.0
