@@ -36,9 +36,16 @@ def peak_rss_delta(fn: Callable[[], Any]) -> tuple[Any, int | None]:
     """Run ``fn`` and return ``(its result, peak resident memory above the level when it started, in bytes)``.
 
     Linux only (``None`` elsewhere): the kernel's resident high-water mark (``VmHWM``) is reset to the current RSS
-    through ``/proc/self/clear_refs`` before the call and read after it. Memory the allocator already held counts
-    as resident before the call, so this is what the call needed *beyond* that, not its total footprint.
+    through ``/proc/self/clear_refs`` before the call and read after it, after glibc's ``malloc_trim`` returned
+    freed heap pages (otherwise a later call reuses what an earlier one left resident and shows almost nothing).
+    This is what the call needed beyond what the process held (weights included there), not its total footprint.
     """
+    try:  # hand freed heap memory back to the OS first, so an earlier, larger run does not hide this one's
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     base = _status_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
