@@ -201,7 +201,6 @@ class FastVLMMethod(Method):
             "encoder_pool": frozenset({"encoder_pool"}),
             "pool": frozenset(),
         }[config.strategy]
-        self._hooks: Any = None
         self.reduced_now = False
         self.unsupported_hint = {
             "resolution": "strategy='resolution' resizes the input of a CLIP tower (LLaVA) or of a Qwen-VL ViT; on "
@@ -236,11 +235,8 @@ class FastVLMMethod(Method):
         return [{"fastvlm_reduced": self.reduced_now} for _ in features]
 
     def attach(self, ctx: Any) -> None:
-        if self.config.strategy != "pool":
-            self._hooks = ctx.adapter.install_encoder_reduction(ctx, self)
-
-    def detach(self) -> None:
-        self._hooks = None
+        if self.config.strategy != "pool":  # the hooks go through ctx.register: unpatch removes them
+            ctx.adapter.install_encoder_reduction(ctx, self)
 
     def select(self, item: ImageTokens) -> Selection:
         t, h, w = item.grid
