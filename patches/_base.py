@@ -46,7 +46,7 @@ from ..errors import (
 )
 from ..methods.base import ImageTokens, Method, Selection
 
-__all__ = ["Adapter", "PatchState", "Segment", "content_key", "STATE_ATTR"]
+__all__ = ["Adapter", "Part", "PatchState", "Segment", "content_key", "split_budget", "STATE_ATTR"]
 
 STATE_ATTR = "_vlmprune_state"
 
@@ -67,17 +67,78 @@ def content_key(t: torch.Tensor | None) -> int:
 
 
 @dataclasses.dataclass
+class Part:
+    """A sub-grid of one item's tokens that is pruned on its own, with its share of the item's budget (LLaVA-NeXT:
+    the base view and the unpadded high-resolution crops). Tokens of an item that no part lists are always kept
+    (LLaVA-NeXT's image-newline tokens).
+
+    Attributes:
+        rows: ``(n_j,)`` int64, increasing indices into the item's tokens, in the raster order of ``grid``.
+        grid: ``(t, h, w)`` with ``t * h * w == n_j``.
+        name: shown in :func:`vlmprune.last_stats` (``"base"``, ``"crops"``).
+    """
+
+    rows: torch.Tensor
+    grid: tuple[int, int, int]
+    name: str = ""
+
+
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """Split an item's budget ``k`` over parts of ``sizes`` tokens in proportion to their sizes (largest
+    remainder; ties to the earlier part), each non-empty part getting at least one token while ``k`` allows.
+
+    Example: ``split_budget(10, [16, 64]) == [2, 8]``.
+    """
+    total = sum(sizes)
+    if k >= total:
+        return list(sizes)
+    exact = [k * n / total for n in sizes]
+    out = [min(n, int(e)) for n, e in zip(sizes, exact, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda j: (-(exact[j] - int(exact[j])), j))
+    for j in order:
+        if sum(out) >= k:
+            break
+        if out[j] < sizes[j]:
+            out[j] += 1
+    for j, n in enumerate(sizes):  # never wipe a part out while another has more than one token to give
+        if n and out[j] == 0:
+            donor = max(range(len(sizes)), key=lambda i: (out[i], -i))
+            if out[donor] > 1:
+                out[donor] -= 1
+                out[j] = 1
+    return out
+
+
+def _part_extras(extras: dict[str, Any], rows: torch.Tensor, n: int) -> dict[str, Any]:
+    """One part's view of an item's extras: per-token tensors (first dimension ``n``, or ``n + 1`` with a leading
+    CLS row, which every part keeps) are cut to ``rows``; anything else is passed as it is."""
+    out: dict[str, Any] = {}
+    for name, v in extras.items():
+        if isinstance(v, dict):
+            out[name] = _part_extras(v, rows, n)
+        elif isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] in (n, n + 1):
+            lead = int(v.shape[0]) - n
+            r = rows.to(v.device) + lead
+            out[name] = torch.cat([v[:lead], v[r]]) if lead else v[r]
+        else:
+            out[name] = v
+    return out
+
+
+@dataclasses.dataclass
 class Segment:
     """One image (or video) of the batch as it sits in the LLM input.
 
     Attributes:
         row: batch row.
         positions: ``(n,)`` sequence positions of its placeholder tokens in ``row``.
-        grid: ``(t, h, w)`` of the prunable tokens (the last ``t*h*w`` of ``positions``).
+        grid: ``(t, h, w)`` of the prunable tokens (the last ``t*h*w`` of ``positions``); with ``parts``, the
+            item's nominal grid (shown in stats only).
         kind: ``"image"`` / ``"video"``.
         key: content hash for seeding.
         prefix: leading tokens that are always kept (e.g. CLS under LLaVA's ``"full"`` feature strategy).
         index: position among this call's items of ``kind`` in the model's encoding order.
+        parts: sub-grids pruned separately (see :class:`Part`), or ``None`` for one grid after ``prefix``.
     """
 
     row: int
@@ -88,6 +149,15 @@ class Segment:
     prefix: int = 0
     index: int = 0
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parts: list[Part] | None = None
+
+    @property
+    def prunable(self) -> torch.Tensor:
+        """``(n',)`` the sequence positions of the tokens a method may drop (no prefix, no always-kept token)."""
+        if self.parts is None:
+            return self.positions[self.prefix :]
+        rows = torch.cat([p.rows for p in self.parts]).sort().values
+        return self.positions[rows.to(self.positions.device)]
 
 
 @dataclasses.dataclass
@@ -124,6 +194,7 @@ class VisionItem:
     key: int
     prefix: int = 0
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parts: list[Part] | None = None  # see Part: sub-grids pruned separately; the other tokens are always kept
 
 
 @dataclasses.dataclass
@@ -211,9 +282,15 @@ class Adapter:
         mrope: whether the LLM uses multi-axis RoPE positions (``[3, B, L]``), which must stay the original ones.
         tested_transformers: human-readable range the adapter was tested on (shown in errors and docs).
         provides: the extra signals (``Method.requires``) this adapter can supply.
+        label / hf_class / inputs / positions: what the README's supported-models table shows (generated by
+            :func:`vlmprune.patches.supported_models_table`).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    label: ClassVar[str] = ""
+    hf_class: ClassVar[str] = ""
+    inputs: ClassVar[tuple[str, ...]] = ("images", "multi-image")
+    positions: ClassVar[str] = "`contiguous` (default) or `original`"
     mrope: ClassVar[bool] = False
     tested_transformers: ClassVar[str] = ", ".join(TESTED)
     provides: ClassVar[frozenset[str]] = frozenset()  # extra signals methods may require (see Method.requires)
@@ -661,11 +738,22 @@ class PatchState:
                     if start + it.num_tokens > count:
                         raise PlaceholderMismatchError(
                             f"Sample {row} has {count} {kind} placeholder tokens, which does not split into whole "
-                            f"{kind}s (next {kind} needs {it.num_tokens}). Build inputs with the model's processor."
+                            f"{kind}s (next {kind} needs {it.num_tokens}). Build inputs with the model's processor. "
+                            "(With num_beams / num_return_sequences > 1 on transformers < ~5.20, generate() repeats "
+                            f"per-{kind} inputs once per beam, which gives a sample with several {kind}s of different "
+                            "sizes the wrong ones, patched or not: use one per sample there, or a newer release.)"
                         )
                     segs.append(
                         Segment(
-                            row, pos[start : start + it.num_tokens], it.grid, kind, it.key, it.prefix, index, it.extras
+                            row,
+                            pos[start : start + it.num_tokens],
+                            it.grid,
+                            kind,
+                            it.key,
+                            it.prefix,
+                            index,
+                            it.extras,
+                            it.parts,
                         )
                     )
                     start += it.num_tokens
@@ -676,6 +764,8 @@ class PatchState:
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], tuple[int, int, int] | None]:
         """Run the method on one segment; return kept positions (sequence coordinates), replacement rows, stats
         and the kept tokens' own grid (:attr:`Selection.grid`, or ``None``)."""
+        if seg.parts is not None:
+            return self._select_parts(seg, emb)
         grid_pos = seg.positions[seg.prefix :]
         n = int(grid_pos.numel())
         k = self.prune_config.budget(n)
@@ -702,6 +792,64 @@ class PatchState:
                     f"method {self.config.name!r} returned grid {sel.grid} for {int(sel.indices.numel())} tokens"
                 )
         return kept, tokens, info, grid
+
+    def _select_parts(
+        self, seg: Segment, emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], None]:
+        """:meth:`_select` for an item made of parts: the budget is the item's (over all its parts' tokens),
+        split over the parts by :func:`split_budget`; each part is handed to the method as its own grid (with its
+        rows of the item's extras); tokens outside every part are kept."""
+        n_all = int(seg.positions.numel())
+        sizes = [int(p.rows.numel()) for p in seg.parts]
+        n = sum(sizes)
+        k = self.prune_config.budget(n)
+        info: dict[str, Any] = {"row": seg.row, "kind": seg.kind, "grid": list(seg.grid), "tokens_in": n_all}
+        if k >= n:
+            info["tokens_out"] = n_all
+            info["always_kept"] = n_all - n
+            return seg.positions, None, info, None
+        dev = seg.positions.device
+        keep = torch.ones(n_all, dtype=torch.bool, device=dev)
+        for p in seg.parts:
+            keep[p.rows.to(dev)] = False
+        replaced: list[tuple[torch.Tensor, torch.Tensor]] = []
+        parts_info = []
+        for j, (p, kj) in enumerate(zip(seg.parts, split_budget(k, sizes), strict=True)):
+            rows = p.rows.to(dev)
+            pinfo: dict[str, Any] = {"part": p.name, "grid": list(p.grid), "tokens_in": sizes[j]}
+            if kj >= sizes[j] or kj == 0:
+                keep[rows] = kj > 0
+                pinfo["tokens_out"] = sizes[j] if kj else 0
+                parts_info.append(pinfo)
+                continue
+            key = (seg.key ^ (j * 0x9E37_79B9_7F4A_7C15)) & 0x7FFF_FFFF_FFFF_FFFF if j else seg.key
+            extras = _part_extras(seg.extras, rows, n_all) if isinstance(seg.extras, dict) else {}
+            feats = emb[seg.row, seg.positions[rows]]
+            item = ImageTokens(feats, p.grid, kj, key, seg.kind, seg.index, seg.row, extras)
+            sel = self.method.select(item)
+            self._validate(sel, sizes[j], kj, emb)
+            chosen = rows[sel.indices.to(dev)]
+            keep[chosen] = True
+            if sel.tokens is not None:
+                replaced.append((chosen, sel.tokens))
+            pinfo["tokens_out"] = int(sel.indices.numel())
+            pinfo["kept_indices"] = sel.indices.tolist()
+            if sel.info:
+                pinfo.update(sel.info)
+            parts_info.append(pinfo)
+        kept_rows = keep.nonzero().squeeze(-1)
+        kept = seg.positions[kept_rows]
+        tokens = None
+        if replaced:
+            tokens = emb[seg.row, kept].clone()
+            slot = torch.full((n_all,), -1, dtype=torch.long, device=dev)
+            slot[kept_rows] = torch.arange(kept_rows.numel(), device=dev)
+            for rows, values in replaced:
+                tokens[slot[rows]] = values.to(tokens.dtype)
+        info["tokens_out"] = int(kept_rows.numel())
+        info["always_kept"] = n_all - n
+        info["parts"] = parts_info
+        return kept, tokens, info, None
 
     def _validate(self, sel: Selection, n: int, k: int, emb: torch.Tensor) -> None:
         idx = sel.indices
@@ -860,7 +1008,8 @@ class PatchState:
         plan, per_image = [], []
         n_drop = torch.zeros(real.shape[0], dtype=torch.long, device=real.device)
         for seg in segments:
-            n = int(seg.positions.numel()) - seg.prefix
+            n = int(seg.prunable.numel())
+            fixed = int(seg.positions.numel()) - n  # always-kept tokens (a prefix, LLaVA-NeXT's newlines)
             k = self.prune_config.budget(n)
             plan.append((seg, k))
             n_drop[seg.row] += n - k
@@ -869,8 +1018,9 @@ class PatchState:
                     "row": seg.row,
                     "kind": seg.kind,
                     "grid": list(seg.grid),
-                    "tokens_in": n + seg.prefix,
-                    "tokens_out": k + seg.prefix,
+                    "tokens_in": n + fixed,
+                    "tokens_out": k + fixed,
+                    **({"always_kept": fixed} if seg.parts is not None else {}),
                 }
             )
         n_real = real.sum(-1)

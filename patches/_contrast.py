@@ -169,9 +169,15 @@ class ContrastBranch:
                     "DAMRO scores outlier tokens in the vision tower, so images must be encoded by the patched "
                     "model; pre-computed mm_encoder_outputs carry no scores. Pass pixel_values instead."
                 )
-            grid_pos = seg.positions[seg.prefix :].to(dev)
+            if seg.parts is not None:  # LLaVA-NeXT: the base view's outliers only, as the official code
+                rows = seg.parts[0].rows.to(dev)
+                lead = scores.numel() - seg.positions.numel()  # a leading CLS score, if any
+                scores = scores.to(dev)[lead:][rows] if lead in (0, 1) else scores
+                grid_pos = seg.positions.to(dev)[rows]
+            else:
+                grid_pos = seg.positions[seg.prefix :].to(dev)
             n = int(grid_pos.numel())
-            if scores.numel() == n + seg.prefix:
+            if scores.numel() == n + seg.prefix and seg.parts is None:
                 scores = scores[seg.prefix :]
             if scores.numel() != n:
                 raise UnsupportedInputError(f"DAMRO got {scores.numel()} outlier scores for an image of {n} tokens.")

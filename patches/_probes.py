@@ -53,11 +53,13 @@ class AttentionProbe:
 
 
 class ClipAttentionProbe(AttentionProbe):
-    """CLIP / SigLIP-style towers (LLaVA): ``layers[i].self_attn`` with ``q_proj`` / ``k_proj``."""
+    """CLIP / SigLIP-style towers (LLaVA): ``layers[i].self_attn`` with ``q_proj`` / ``k_proj``. With ``with_keys``
+    each image's entry is ``{"received": (n,), "keys": (n, d)}`` (head-mean keys; VisionZip without a CLS token)."""
 
-    def __init__(self, model: nn.Module, layers: list[int], n_grid: int) -> None:
+    def __init__(self, model: nn.Module, layers: list[int], n_grid: int, with_keys: bool = False) -> None:
         super().__init__(model, layers)
         self.n_grid = n_grid
+        self.with_keys = with_keys
 
     def install(self, ctx: Any) -> None:
         tower = self.model.model.vision_tower
@@ -84,9 +86,14 @@ class ClipAttentionProbe(AttentionProbe):
             k = k.view(B, N, mod.num_heads, -1).transpose(1, 2)
             with torch.no_grad():
                 s = received_attention(q, k, float(mod.scale))  # (B, N): mean over heads and ALL queries
+                keys = k.mean(1) if self.with_keys else None  # (B, N, d)
             if N == self.n_grid + 1:  # drop the CLS key (after averaging over all queries, CLS row included)
                 s = s[:, 1:]
-            self.scores[layer].extend(s.unbind(0))
+                keys = keys[:, 1:] if keys is not None else None
+            if keys is None:
+                self.scores[layer].extend(s.unbind(0))
+            else:
+                self.scores[layer].extend({"received": a, "keys": b} for a, b in zip(s, keys, strict=True))
 
         return hook
 

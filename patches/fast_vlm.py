@@ -23,6 +23,8 @@ __all__ = ["FastVlmAdapter"]
 
 class FastVlmAdapter(Adapter):
     model_types = ("fast_vlm",)
+    label = "FastVLM"
+    hf_class = "FastVlmForConditionalGeneration"
     mrope = False
     provides = frozenset()
 

@@ -21,6 +21,8 @@ __all__ = ["LlavaAdapter"]
 
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
+    label = "LLaVA-1.5"
+    hf_class = "LlavaForConditionalGeneration"
     mrope = False
     provides = frozenset({"vit_attention", "vit_cls_attention", "encoder_resize", "encoder_pool"})
 

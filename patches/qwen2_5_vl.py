@@ -10,3 +10,5 @@ __all__ = ["Qwen25VLAdapter"]
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     model_types = ("qwen2_5_vl",)
+    label = "Qwen2.5-VL"
+    hf_class = "Qwen2_5_VLForConditionalGeneration"

@@ -21,6 +21,10 @@ __all__ = ["Qwen2VLAdapter"]
 
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
+    label = "Qwen2-VL"
+    hf_class = "Qwen2VLForConditionalGeneration"
+    inputs = ("images", "multi-image", "video")
+    positions = "original 3-D M-RoPE (the only correct choice)"
     mrope = True
     provides = frozenset({"vit_attention", "encoder_resize"})
 
@@ -91,6 +95,7 @@ class Qwen2VLAdapter(Adapter):
             plan = pending.pop() if pending else None
             if plan is None or output is None:  # nothing reduced, or the tower raised
                 return None
+
             def spread_rows(merged: torch.Tensor) -> torch.Tensor:
                 parts, start = [], 0
                 for (t, h, w), (h2, w2) in plan:

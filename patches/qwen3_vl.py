@@ -22,6 +22,9 @@ __all__ = ["Qwen3VLAdapter"]
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_types = ("qwen3_vl",)
+    label = "Qwen3-VL"
+    hf_class = "Qwen3VLForConditionalGeneration"
+    positions = "original 3-D M-RoPE; DeepStack rows follow their tokens"
 
     def gather_extra(self, kwargs: dict[str, Any], idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
         """Prune ``visual_pos_masks`` / ``deepstack_visual_embeds`` like the sequence (``idx`` ``(B, L')`` gathers

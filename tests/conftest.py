@@ -16,14 +16,39 @@ torch.set_num_threads(2)
 # Sample specs per family: batch 2, different images per sample, a multi-image sample, padding.
 SPECS: dict[str, list[list[Any]]] = {
     "llava": [[5, "image", 3], [2, "image", 4, "image", 1]],
+    # the default 48 x 80 image: base view + 1 x 2 crops; 30 x 100: unpadded to 2 of 4 rows; 112 x 112: 2 x 2 crops
+    "llava_next": [[5, "image", 3], [2, ("image", 30, 100), 4, ("image", 112, 112), 1]],
+    # 112 x 112 alone: 2 x 2 crops interpolated to 5 x 5 (anyres_max_2); two images in a sample: base views only
+    "llava_onevision": [[5, ("image", 112, 112), 3], [2, ("image", 30, 100), 4, "image", 1]],
     "qwen2_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
     "qwen2_5_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
     "qwen3_vl": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],
+    "qwen3_vl_moe": [[5, "image", 3], [2, ("image", 8, 12), 4, ("image", 4, 8), 1]],  # not in FAMILIES: test_qwen3_vl
     "fast_vlm": [[5, "image", 3], [2, "image", 4, "image", 1]],
 }
 MRoPE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 _MODELS: dict[str, torch.nn.Module] = {}
+
+
+ANYRES = {"llava_next", "llava_onevision"}
+
+
+def beam_spec(model: torch.nn.Module) -> list[list[Any]]:
+    """Samples for beam search / num_return_sequences: the family's specs, but one image per sample for the anyres
+    families. transformers < ~5.20 (no ``mm_encoder_outputs``) repeats per-image tensors (``pixel_values``,
+    ``image_sizes``) once per beam, which hands a multi-image sample's beams the wrong images even unpatched; with
+    LLaVA-NeXT's image-dependent token counts the patch then refuses the call (PlaceholderMismatchError)."""
+    if model.config.model_type in ANYRES:
+        return [[5, "image", 3], [2, ("image", 30, 100), 4]]
+    return SPECS[model.config.model_type]
+
+
+def expands_images_per_beam(model: torch.nn.Module) -> bool:
+    """Whether this transformers release has the per-image beam expansion described in :func:`beam_spec`."""
+    import inspect
+
+    return "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters
 
 
 def get_model(family: str) -> torch.nn.Module:
@@ -65,6 +90,24 @@ def require(model: torch.nn.Module, method: str) -> None:
 
 def inputs_for(model: torch.nn.Module, spec: list[list[Any]] | None = None, **kw: Any) -> dict[str, torch.Tensor]:
     return make_inputs(model, spec if spec is not None else SPECS[model.config.model_type], **kw)
+
+
+def fixed_counts(model: torch.nn.Module, inputs: dict[str, Any], per_row: list[list[int]]) -> list[list[int]]:
+    """Per row, per image (``per_row``: the images' placeholder counts, in order): the tokens every method keeps
+    outside the budget, i.e. LLaVA-NeXT's / OneVision's image-newline tokens, found as the rows of the unpatched LLM
+    input that equal the model's ``image_newline`` (0 for other families). Call on an unpatched model."""
+    if model.config.model_type not in ("llava_next", "llava_onevision"):
+        return [[0] * len(row) for row in per_row]
+    assert not vlmprune.is_patched(model)
+    with LLMProbe(model) as probe, torch.no_grad():
+        model(**inputs)
+    emb, newline = probe.calls[0]["inputs_embeds"], model.model.image_newline
+    out = []
+    for b, row in enumerate(per_row):
+        pos = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(-1)
+        is_nl = (emb[b, pos] == newline).all(-1).long()
+        out.append([int(c.sum()) for c in is_nl.split(row)])
+    return out
 
 
 class LLMProbe:

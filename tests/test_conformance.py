@@ -14,6 +14,8 @@ from conftest import (
     SPECS,
     LLMProbe,
     MRoPE,
+    beam_spec,
+    fixed_counts,
     get_model,
     hook_snapshot,
     inputs_for,
@@ -116,7 +118,13 @@ def test_llm_receives_exactly_the_budget(model, method, keep):
     inputs = inputs_for(model)
     n_real = inputs["attention_mask"].sum(-1)
     per_row = _vision_counts(model, inputs)
-    expected_vision = torch.tensor([sum(resolve_budget(keep, n) for n in row) for row in per_row])
+    fixed = fixed_counts(model, inputs, per_row)
+    expected_vision = torch.tensor(
+        [
+            sum(resolve_budget(keep, n - f) + f for n, f in zip(row, fr, strict=True))
+            for row, fr in zip(per_row, fixed, strict=True)
+        ]
+    )
     if method == "fastvlm":  # a whole smaller grid: the largest one within the budget (tests/test_fastvlm.py)
         expected_vision = torch.tensor(_fastvlm_counts(model, inputs, per_row, keep))
     n_text = n_real - torch.tensor([sum(row) for row in per_row])
@@ -181,7 +189,14 @@ def _take_last(inputs, i, model):
     }
     if "mm_token_type_ids" in inputs:
         out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i : i + 1, mask]
-    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    for k in (
+        "pixel_values",
+        "image_grid_thw",
+        "image_sizes",
+        "batch_num_images",
+        "pixel_values_videos",
+        "video_grid_thw",
+    ):
         if k in inputs:
             out[k] = inputs[k]
     return out
@@ -301,7 +316,7 @@ def test_text_only_rows_in_a_batch(family):
     with vlmprune.patched(model, method="uniform", keep=0.25):
         gen_b = _gen(model, batch)
         text = _take_last(inputs_for(model, [[], [7]]), 1, model)
-        for k in ("pixel_values", "image_grid_thw"):
+        for k in ("pixel_values", "image_grid_thw", "image_sizes"):
             text.pop(k, None)
         gen_t = _gen(model, text)
     L = batch["input_ids"].shape[1]
@@ -324,7 +339,7 @@ def test_static_cache(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beam_search_and_sampling_run(family):
     model = get_model(family)
-    inputs = inputs_for(model)
+    inputs = inputs_for(model, beam_spec(model))
     with vlmprune.patched(model, method="random", keep=0.25):
         beams = _gen(model, inputs, num_beams=2)
         torch.manual_seed(0)

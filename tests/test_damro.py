@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import LLMProbe, get_model, hook_snapshot, inputs_for, require, sequence, valid_slots
+from conftest import LLMProbe, fixed_counts, get_model, hook_snapshot, inputs_for, require, sequence, valid_slots
 
 import vlmprune
 from vlmprune.config import resolve_budget
@@ -300,6 +300,13 @@ def test_main_branch_gets_the_budget_and_branch_is_short(model):
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     tok = model.config.image_token_id
     n_img = [(ids[b][mask[b]] == tok).sum().item() for b in range(ids.shape[0])]
+    per_row = []  # placeholder count per image (the specs separate images by text)
+    for b in range(ids.shape[0]):
+        is_img = (ids[b][mask[b]] == tok).long()
+        starts = ((is_img[1:] - is_img[:-1]) == 1).nonzero().squeeze(-1) + 1
+        ends = ((is_img[1:] - is_img[:-1]) == -1).nonzero().squeeze(-1) + 1
+        per_row.append((ends - starts).tolist())
+    fixed = fixed_counts(model, inputs, per_row)  # LLaVA-NeXT's newline tokens: kept outside the budget
     vlmprune.patch(model, method="damro", prune="uniform", keep=0.25, top_k=2)
     with LLMProbe(model) as probe, torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -307,9 +314,10 @@ def test_main_branch_gets_the_budget_and_branch_is_short(model):
     main, branch = probe.calls[0], probe.calls[1]  # prefill of the main branch, then of the contrastive one
     per_image = [i["tokens_in"] for i in stats["images"]]
     assert sum(per_image) == sum(n_img)
+    assert [i["tokens_in"] for i in sorted(stats["images"], key=lambda i: i["row"])] == sum(per_row, [])
     expected = mask.sum(-1) - torch.tensor(n_img)
     for b in range(ids.shape[0]):
-        expected[b] += sum(resolve_budget(0.25, i["tokens_in"]) for i in stats["images"] if i["row"] == b)
+        expected[b] += sum(resolve_budget(0.25, n - f) + f for n, f in zip(per_row[b], fixed[b], strict=True))
     assert torch.equal(valid_slots(main).sum(-1), expected)
     n_images = [sum(1 for i in stats["images"] if i["row"] == b) for b in range(ids.shape[0])]
     short = mask.sum(-1) - torch.tensor(n_img) + 2 * torch.tensor(n_images)

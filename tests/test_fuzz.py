@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import LLMProbe, get_model, valid_slots
+from conftest import ANYRES, LLMProbe, expands_images_per_beam, get_model, valid_slots
 
 import vlmprune
 from vlmprune.config import resolve_budget
@@ -43,6 +43,10 @@ def _model(family: str, dtype: torch.dtype) -> torch.nn.Module:
 def _image(rng: random.Random, family: str) -> Any:
     if family in ("llava", "fast_vlm"):
         return "image"
+    if family in ("llava_next", "llava_onevision"):  # (H, W) in pixels: anyres crop grids, unpadding, interpolation
+        if family == "llava_onevision" and rng.random() < 0.15:
+            return ("video", 2)  # one batch's videos share a frame count (the processor stacks them)
+        return ("image", *rng.choice([(48, 80), (30, 100), (112, 112), (56, 56), (100, 30)]))
     if rng.random() < 0.15:
         return ("video", 2, 4, 8)
     return ("image", *rng.choice([(4, 4), (8, 8), (8, 12), (4, 8), (12, 4)]))
@@ -120,8 +124,8 @@ def _expected_refusal(case: dict[str, Any], inputs: dict[str, torch.Tensor]) -> 
     methods = {case["method"], case["prune"]} - {None}
     if case["family"] == "fast_vlm" and methods & {"hiprune", "visionzip"}:
         return "UnsupportedModelError"  # no ViT attention to read (README, patches/fast_vlm.py)
-    if case["family"] == "fast_vlm" and "fastvlm" in methods:
-        return "UnsupportedModelError"  # fastvlm's default strategy (resolution) resizes a ViT's input
+    if case["family"] in ("fast_vlm", "llava_next", "llava_onevision") and "fastvlm" in methods:
+        return "UnsupportedModelError"  # fastvlm's default strategy (resolution): LLaVA-1.5 / Qwen-VL towers only
     if "fastvlm" in methods and inputs.get("video_grid_thw") is not None:
         m = 2  # the tiny Qwen configs' merge size
         for t, h, w in inputs["video_grid_thw"].tolist():
@@ -138,6 +142,9 @@ def _expected_refusal(case: dict[str, Any], inputs: dict[str, torch.Tensor]) -> 
 def run_case(case: dict[str, Any]) -> str:
     """Run one case; return "ran" or "refused:<error>"; raise AssertionError on a broken invariant."""
     model = _model(case["family"], case["dtype"])
+    multi = any(sum(1 for p in s if not isinstance(p, int)) > 1 for s in case["samples"])
+    if case["family"] in ANYRES and case["gen"] == "beams" and multi and expands_images_per_beam(model):
+        return "skipped:multi-image beams"  # transformers' own bug here (see conftest.beam_spec), patched or not
     inputs = make_inputs(model, case["samples"], padding_side=case["padding_side"], seed=case["seed"])
     L = inputs["input_ids"].shape[1]
     kw = _gen_kwargs(case)
@@ -171,8 +178,9 @@ def run_case(case: dict[str, Any]) -> str:
     entry = case["method"] != "fastv" and not (case["method"] == "damro" and case["prune"] in (None, "fastv"))
     prune_cfg = config.prune_config() if isinstance(config, vlmprune.DamroConfig) else config
     for im in stats["images"]:
-        n = im["tokens_in"]
-        want = resolve_budget(prune_cfg.keep, n) if prune_cfg is not None else n
+        fixed = im.get("always_kept", 0)  # LLaVA-NeXT / OneVision newlines: kept outside the budget
+        n = im["tokens_in"] - fixed
+        want = (resolve_budget(prune_cfg.keep, n) if prune_cfg is not None else n) + fixed
         exact = getattr(prune_cfg, "adaptive", False) is not True
         if isinstance(prune_cfg, vlmprune.FastVLMConfig) and prune_cfg.strategy != "pool":
             t, h, w = im["grid"]  # a whole smaller grid, the largest within the budget

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import LLMProbe, get_model, inputs_for
+from conftest import LLMProbe, beam_spec, get_model, inputs_for
 
 import vlmprune
 from vlmprune.testing import FAMILIES
@@ -15,6 +15,8 @@ from vlmprune.testing import FAMILIES
 # equal-length prompts (no padding) whose rows lose different numbers of tokens
 UNPADDED = {
     "llava": [[16, "image", 4], [2, "image", 2, "image"]],
+    "llava_next": [[16, "image", 14], [2, ("image", 56, 56), 2, ("image", 30, 100)]],  # 44 + 36 + 34 tokens
+    "llava_onevision": [[16, "image", 14], [2, "image", 2, "image", 36]],  # 44; two base views of 17
     "qwen2_vl": [[2, ("image", 8, 8), 14], [2, ("image", 4, 4), 26]],
     "qwen2_5_vl": [[2, ("image", 8, 8), 14], [2, ("image", 4, 4), 26]],
     "qwen3_vl": [[2, ("image", 8, 8), 14], [2, ("image", 4, 4), 26]],
@@ -71,14 +73,15 @@ def test_single_prompt_static_cache(family):
 def test_long_text_only_row_sets_the_length(family):
     """The longest row loses nothing (Lp == L) while another is pruned: its mask must still be translated."""
     model = get_model(family)
-    spec = [[40], UNPADDED[family][0]]
+    n = max(40, inputs_for(model, [UNPADDED[family][0]])["input_ids"].shape[1])  # at least the image row's length
+    spec = [[n], UNPADDED[family][0]]
     batch = inputs_for(model, spec)
     with vlmprune.patched(model, method="uniform", keep=0.25):
         seq_b, _ = _gen(model, batch)
-        assert vlmprune.last_stats(model)["seq_len_out"][0] == 40 == batch["input_ids"].shape[1]
+        assert vlmprune.last_stats(model)["seq_len_out"][0] == n == batch["input_ids"].shape[1]
         single = _row(inputs_for(model, [[], spec[1]]), 1)
         seq_s, _ = _gen(model, single)
-    assert torch.equal(seq_b[1, 40:], seq_s[0, single["input_ids"].shape[1] :])
+    assert torch.equal(seq_b[1, n:], seq_s[0, single["input_ids"].shape[1] :])
 
 
 def _cache_kw(model):
@@ -141,7 +144,7 @@ def test_prompt_lookup_decoding(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beams_at_keep_all_equal_unpatched(family):
     model = get_model(family)
-    inputs = inputs_for(model)
+    inputs = inputs_for(model, beam_spec(model))
     ref, _ = _gen(model, inputs, num_beams=3, num_return_sequences=2)
     with vlmprune.patched(model, method="random", keep=1.0):
         got, _ = _gen(model, inputs, num_beams=3, num_return_sequences=2)

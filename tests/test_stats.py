@@ -12,6 +12,7 @@ from vlmprune.testing import tiny_model
 
 CASES = {
     "llava": ([[5, "image", 3, "image", 2]], None, 2),
+    "llava_next": ([[5, "image", 3, ("image", 112, 112), 2]], None, 3 + 5),  # base views + crops: 1 x 2 and 2 x 2
     "qwen2_vl": ([[5, ("image", 8, 12), 3, ("image", 4, 8)]], [(1, 8, 12), (1, 4, 8)], 0),
     "qwen2_5_vl": ([[5, ("image", 8, 12), 3, ("image", 4, 8)]], [(1, 8, 12), (1, 4, 8)], 0),
 }
@@ -28,6 +29,8 @@ def test_analytic_equals_counter(family, attn):
     model = tiny_model(family, seed=1, attn_implementation=attn)
     inputs = inputs_for(model, spec)
     counted = stats.count_flops(model, inputs, logits_to_keep=1)
+    if family == "llava_next":
+        assert sum(stats.anyres_crops(model.config, inputs["image_sizes"])) == n_images
     vision, projector = stats.vision_flops(model.config, n_images=n_images, grids=grids)
     llm, head, _ = stats.llm_flops(model.config.text_config, inputs["input_ids"].shape[1])
     assert counted["vision"] == vision and counted["projector"] == projector and counted["lm_head"] == head

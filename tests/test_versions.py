@@ -49,3 +49,14 @@ def test_patch_outside_range_names_the_remedy(monkeypatch):
     monkeypatch.setattr(_versions, "installed_version", lambda: "6.1.0")
     with pytest.raises(vlmprune.UnsupportedVersionError, match=r"6\.1\.0.*pip install 'transformers>=5\.0\.0,<6'"):
         vlmprune.patch(model, method="uniform", keep=0.5)
+
+
+def test_readme_supported_models_table_is_generated_from_the_registry():
+    from vlmprune.patches import supported_models_table
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- supported-models:start (generated: python -m vlmprune.patches) -->\n")[1]
+    block = block.split("<!-- supported-models:end -->")[0]
+    assert block == supported_models_table(), "regenerate it: python -m vlmprune.patches"
+    rows = [r.split("|")[1].strip() for r in block.splitlines()[2:]]
+    assert [r.split()[0].strip("`") for r in rows] == sorted(vlmprune.list_supported_models())

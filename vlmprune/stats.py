@@ -167,7 +167,8 @@ def vision_flops(
 ) -> tuple[float, float]:
     """``(vision tower, projector)`` FLOPs for the images of one prompt.
 
-    LLaVA: ``n_images`` images; ``vit_layers`` = blocks run (default: all of them). Qwen-VL:
+    LLaVA: ``n_images`` images; ``vit_layers`` = blocks run (default: all of them). LLaVA-NeXT: ``n_images``
+    counts the tower's inputs, i.e. every image's base view and high-resolution crops (:func:`anyres_crops`). Qwen-VL:
     ``grids`` = ``(t, h, w)`` patch grids (the merger is counted in the vision tower, as it lives there).
     ``config``: a ``fastvlm`` config makes the encoder's own work shrink (``resolution``: the smaller input;
     ``encoder_pool``: the blocks after its layer on the pooled grid, and the projector on the reduced tokens).
@@ -175,7 +176,7 @@ def vision_flops(
     mt = model_config.model_type
     vc = model_config.vision_config
     strategy = getattr(config, "strategy", None) if getattr(config, "name", None) == "fastvlm" else None
-    if mt == "llava":
+    if mt in ("llava", "llava_next"):
         if vit_layers is None:
             vit_layers = vc.num_hidden_layers
         side = vc.image_size // vc.patch_size
@@ -205,6 +206,24 @@ def vision_flops(
             grids = small
         return _qwen_vision_flops(vc, grids, window=mt == "qwen2_5_vl"), 0.0
     raise ValueError(f"no FLOP formula for model_type {mt!r}")
+
+
+def anyres_crops(model_config: Any, image_sizes: Any) -> list[int]:
+    """LLaVA-NeXT: the tower inputs (base view + high-resolution crops) of each image of ``(H, W)`` in
+    ``image_sizes`` (``(n, 2)``), by transformers' own rule for the model's ``image_grid_pinpoints``."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else list(image_sizes)
+    return [
+        int(
+            image_size_to_num_patches(
+                image_size=[int(v) for v in hw],
+                grid_pinpoints=model_config.image_grid_pinpoints,
+                patch_size=model_config.vision_config.image_size,
+            )
+        )
+        for hw in sizes
+    ]
 
 
 def prefill_flops(

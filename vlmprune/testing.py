@@ -4,8 +4,10 @@ Used by the test-suite, the demo and the benchmarks; handy for users who want to
 checkpoint. Nothing here downloads anything. transformers is imported inside the functions only.
 
 Sample specs: a sample is a list of items, an ``int`` = that many random text tokens, ``"image"`` = one image
-(LLaVA: the fixed CLIP grid; Qwen: ``("image", h, w)`` in patches, default 8x8), ``("video", t, h, w)`` a Qwen
-video. Example: ``[[5, "image", 3], [2, ("image", 8, 12), 4, "image", 1]]``.
+(LLaVA: the fixed CLIP grid; LLaVA-NeXT / OneVision: ``("image", H, W)`` in pixels, default 48 x 80, anyres crops
+of 56 px; Qwen: ``("image", h, w)`` in patches, default 8x8), ``("video", t, h, w)`` a Qwen video (OneVision:
+``("video", t)``, ``t`` frames of 56 px). Example:
+``[[5, "image", 3], [2, ("image", 8, 12), 4, "image", 1]]``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 __all__ = ["FAMILIES", "LLAVA_SIZES", "tiny_model", "make_inputs"]
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "fast_vlm")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "fast_vlm")
 
 _VOCAB = 160
 _IMAGE, _VIDEO, _VSTART, _VEND, _PAD = 150, 151, 152, 153, 0
@@ -130,9 +132,44 @@ def tiny_model(
         kw.update(over)
         cfg = tf.LlavaConfig(**kw)
         cls = tf.LlavaForConditionalGeneration
-    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    elif family == "llava_next":  # anyres: 56 px crops (4 x 4 tokens each), grids of up to 2 x 2 crops
+        if size != "tiny":
+            raise ValueError(f"size={size!r} exists for llava only; llava_next comes in size='tiny'")
+        vision, _ = LLAVA_SIZES["tiny"]
+        kw = dict(
+            vision_config=tf.CLIPVisionConfig(**vision),
+            text_config=tf.LlamaConfig(**_text_cfg()),
+            image_token_index=_IMAGE,
+            image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+        kw.update(over)
+        cfg = tf.LlavaNextConfig(**kw)
+        cls = tf.LlavaNextForConditionalGeneration
+    elif family == "llava_onevision":  # SigLIP (no CLS) 56 px crops; anyres_max_2: a 2 x 2 crop grid is interpolated
+        if size != "tiny":
+            raise ValueError(f"size={size!r} exists for llava only; llava_onevision comes in size='tiny'")
+        vision, _ = LLAVA_SIZES["tiny"]
+        vision = {k: v for k, v in vision.items() if k != "projection_dim"}
+        kw = dict(
+            vision_config=tf.SiglipVisionConfig(**vision),
+            text_config=tf.Qwen2Config(**_text_cfg()),
+            image_token_index=_IMAGE,
+            video_token_index=_VIDEO,
+            image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+            vision_aspect_ratio="anyres_max_2",
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            projector_hidden_act="gelu",
+        )
+        kw.update(over)
+        cfg = tf.LlavaOnevisionConfig(**kw)
+        cls = tf.LlavaOnevisionForConditionalGeneration
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0}
-        if family == "qwen3_vl":
+        if family in ("qwen3_vl", "qwen3_vl_moe"):
             rope["mrope_interleaved"] = True
         text = _text_cfg(rope_parameters=rope)
         vision = dict(
@@ -147,7 +184,7 @@ def tiny_model(
         if family == "qwen2_vl":
             vision.update(embed_dim=32, mlp_ratio=2)
             cfg_cls, cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
-        elif family == "qwen3_vl":  # DeepStack, as in the real model: 3 ViT blocks feed LLM layers 0-2 (FastV's K=2)
+        elif family in ("qwen3_vl", "qwen3_vl_moe"):  # DeepStack: 3 ViT blocks feed LLM layers 0-2 (FastV's K=2)
             vision.update(
                 depth=3,
                 hidden_size=32,
@@ -157,7 +194,11 @@ def tiny_model(
                 deepstack_visual_indexes=[0, 1, 2],
             )
             text.update(head_dim=16, num_hidden_layers=4)  # a layer after the last DeepStack one (FastV's K=2)
-            cfg_cls, cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration
+            if family == "qwen3_vl_moe":  # sparse MoE blocks in every LLM layer (4 experts, 2 per token)
+                text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+                cfg_cls, cls = tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeForConditionalGeneration
+            else:
+                cfg_cls, cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration
         else:
             vision.update(
                 intermediate_size=64, out_hidden_size=64, hidden_size=32, window_size=16, fullatt_block_indexes=[1]
@@ -206,6 +247,37 @@ def _pad(rows: list[list[int]], extras: list[list[int]], side: str) -> tuple[tor
     return torch.tensor(ids), torch.tensor(mask), torch.tensor(ext)
 
 
+def _next_tokens(model: torch.nn.Module, height: int, width: int, anyres: bool = True) -> tuple[int, int]:
+    """LLaVA-NeXT / OneVision: ``(placeholder tokens, crops)`` of an image of ``height x width`` pixels, from the
+    model's own crop count and packing code (what its processor expands ``<image>`` to). ``anyres=False``: the
+    base view only (OneVision, in a sample with several images)."""
+    import sys
+
+    vlm = model.model
+    mod = sys.modules[type(vlm).__module__]
+    cfg = model.config
+    vc = cfg.vision_config
+    n_crops = int(
+        mod.image_size_to_num_patches(
+            image_size=[height, width], grid_pinpoints=cfg.image_grid_pinpoints, patch_size=vc.image_size
+        )
+    )
+    size = torch.tensor([[height, width]])
+    if cfg.model_type == "llava_onevision":  # SigLIP: no CLS, every patch reaches the projector
+        n_crops = n_crops if anyres else 1
+        feats = torch.zeros(n_crops, (vc.image_size // vc.patch_size) ** 2, 1)
+        packed, _ = vlm.pack_image_features(
+            [feats], size, image_newline=torch.zeros(1), vision_aspect_ratio=cfg.vision_aspect_ratio
+        )
+        return int(packed[0].shape[0]), n_crops
+    per_crop = (vc.image_size // vc.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
+    feats = torch.zeros(n_crops, per_crop, 1)
+    packed, _ = vlm.pack_image_features(
+        [feats], size, cfg.vision_feature_select_strategy, image_newline=torch.zeros(1)
+    )
+    return int(packed[0].shape[0]), n_crops
+
+
 def make_inputs(
     model: torch.nn.Module, samples: list[list[Any]], *, padding_side: str = "left", seed: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -218,7 +290,11 @@ def make_inputs(
     family = cfg.model_type
     dtype = next(model.parameters()).dtype
     rows, types, pixels, grids, vgrids, vpixels = [], [], [], [], [], []
+    sizes: list[list[int]] = []
+    per_sample: list[int] = []  # images per sample (OneVision: a sample with several images gets no crops)
     for si, sample in enumerate(samples):
+        n_images = sum(1 for it in sample if it == "image" or (isinstance(it, tuple) and it[0] == "image"))
+        per_sample.append(n_images)
         gen = torch.Generator().manual_seed(seed * 1000 + si)
         ids: list[int] = []
         tt: list[int] = []
@@ -239,6 +315,26 @@ def make_inputs(
                 tt += [1] * n
                 pixels.append(torch.randn(3, size, size, generator=gen))
                 continue
+            if family == "llava_onevision" and kind == "video":
+                t = spec[1] if len(spec) > 1 else 2
+                size = cfg.vision_config.image_size
+                side = size // cfg.vision_config.patch_size
+                n = t * model.model.apply_pooling(torch.zeros(1, side * side, 1)).shape[1] + 1  # + one newline
+                ids += [_VIDEO] * n
+                tt += [2] * n
+                vpixels.append(torch.randn(t, 3, size, size, generator=gen))
+                continue
+            if family in ("llava_next", "llava_onevision"):
+                if kind != "image":
+                    raise ValueError(f"{family} takes images only here")
+                H, W = spec[1:] if len(spec) > 1 else (48, 80)
+                n, n_crops = _next_tokens(model, H, W, anyres=n_images == 1)
+                ids += [_IMAGE] * n
+                tt += [1] * n
+                size = cfg.vision_config.image_size
+                pixels.append(torch.randn(n_crops, 3, size, size, generator=gen))
+                sizes.append([H, W])
+                continue
             if family == "llava":
                 if kind != "image":
                     raise ValueError("LLaVA takes images only")
@@ -257,7 +353,7 @@ def make_inputs(
                 t, h, w = spec[1:] if len(spec) > 1 else (2, 8, 8)
             n = t * h * w // (m * m)
             tok = _IMAGE if kind == "image" else _VIDEO
-            if kind == "video" and family == "qwen3_vl":  # one <t> <start> frame <end> group per frame
+            if kind == "video" and family in ("qwen3_vl", "qwen3_vl_moe"):  # one <t> <start> frame <end> per frame
                 per_frame = n // t
                 for _ in range(t):
                     ids += [int(torch.randint(3, 100, (1,), generator=gen))] + [_VSTART] + [tok] * per_frame + [_VEND]
@@ -275,6 +371,19 @@ def make_inputs(
     if family in ("llava", "fast_vlm"):
         if pixels:
             out["pixel_values"] = torch.stack(pixels).to(dtype)
+        return out
+    if family in ("llava_next", "llava_onevision"):  # as the processor: (images, most crops, C, S, S), zero-padded
+        if pixels:
+            most = max(p.shape[0] for p in pixels)
+            padded = [torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pixels]
+            out["pixel_values"] = torch.stack(padded).to(dtype)
+            out["image_sizes"] = torch.tensor(sizes)
+            if family == "llava_onevision":
+                out["batch_num_images"] = torch.tensor(per_sample)
+        if vpixels:  # OneVision videos: (videos, frames, C, S, S)
+            if len({v.shape[0] for v in vpixels}) > 1:
+                raise ValueError("the videos of one LLaVA-OneVision batch must have the same number of frames")
+            out["pixel_values_videos"] = torch.stack(vpixels).to(dtype)
         return out
     import inspect
 

@@ -401,6 +401,15 @@ class _Recorder:
             return [tuple(int(v) for v in row) for row in g] if isinstance(g, torch.Tensor) else []
 
         queues = {"image": grids_of("image_grid_thw"), "video": grids_of("video_grid_thw")}
+        anyres: list[tuple[int, int]] = []  # LLaVA-NeXT: (placeholders, tower inputs) per image, in batch order
+        if cfg.model_type == "llava_next" and isinstance(kw.get("image_sizes"), torch.Tensor):
+            from vlmprune.patches.llava_next import LlavaNextAdapter
+
+            state = getattr(self.model, "_vlmprune_state", None)
+            adapter = state.adapter if state is not None else LlavaNextAdapter()
+            for hw in kw["image_sizes"]:
+                lay = adapter.layout(self.model, hw, cfg.vision_feature_select_strategy)
+                anyres.append((lay.n, lay.n_units))
 
         def take(kind: str, n_tokens: int) -> list[tuple[int, ...]]:
             """This row's grids: the next ones in the batch's order, until they cover its placeholders."""
@@ -425,6 +434,12 @@ class _Recorder:
                 if cfg.model_type == "llava":  # one CLIP image = (size / patch)^2 placeholders
                     per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
                     n_images = round(n_in / per_image)
+                elif anyres:  # this row's images, until they cover its placeholders: their crops run the tower
+                    covered = 0
+                    while anyres and covered < n_in:
+                        tokens, crops = anyres.pop(0)
+                        covered += tokens
+                        n_images += crops
                 flops = _stats.prefill_flops(
                     cfg,
                     n_text=n_real - n_in,

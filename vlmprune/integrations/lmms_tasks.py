@@ -189,17 +189,19 @@ def write_tasks(out_dir: str | Path, n: int | None = None) -> Path:
             )
         (folder / f"{task}.yaml").write_text(
             _YAML.format(
-                version=vlmprune.__version__, task=task, data=json.dumps(str(data)), process=process,
-                metrics=metric_yaml, benchmark=benchmark,
+                version=vlmprune.__version__,
+                task=task,
+                data=json.dumps(str(data)),
+                process=process,
+                metrics=metric_yaml,
+                benchmark=benchmark,
             )
         )
     return folder
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m vlmprune.integrations.lmms_tasks", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m vlmprune.integrations.lmms_tasks", description=__doc__.split("\n")[0])
     p.add_argument("out_dir", help="folder to write into; pass it to lmms-eval as --include_path")
     p.add_argument("--n", type=int, help="keep the first N rows of each task (default: all 1,000)")
     a = p.parse_args(argv)

@@ -124,9 +124,9 @@ class Method:
         self.exact_budget = True
 
     def plan_prefill(self, plan: list[tuple[Any, int]], real: torch.Tensor, stats: list[dict[str, Any]]) -> None:
-        """In-LLM methods only: ``plan`` = ``(segment, budget)`` per image (``segment.row``,
-        ``segment.positions`` in sequence coordinates, ``segment.prefix`` always-kept leading tokens), ``real``
-        the ``(B, L)`` non-pad mask, ``stats`` the per-image dicts of :func:`vlmprune.last_stats` to complete."""
+        """In-LLM methods only: ``plan`` = ``(segment, budget)`` per image (``segment.row``; ``segment.prunable``
+        the positions it may drop, in sequence coordinates; its other positions are always kept), ``real`` the
+        ``(B, L)`` non-pad mask, ``stats`` the per-image dicts of :func:`vlmprune.last_stats` to complete."""
         raise NotImplementedError
 
     def observe_prefill(self, view: Any) -> None:

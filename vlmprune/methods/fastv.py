@@ -183,7 +183,7 @@ class FastVMethod(Method):
             score = last_token_attention(q, k, float(mod.scaling), real)
         keep = real.clone()
         for i, (seg, budget) in enumerate(plan):
-            pos = seg.positions[seg.prefix :].to(h.device)
+            pos = seg.prunable.to(h.device)  # the always-kept tokens (a prefix, newlines) stay
             keep[seg.row, pos] = False
             top = top_indices(score[seg.row, pos], budget).sort().values
             keep[seg.row, pos[top]] = True

@@ -203,9 +203,9 @@ class FastVLMMethod(Method):
         }[config.strategy]
         self.reduced_now = False
         self.unsupported_hint = {
-            "resolution": "strategy='resolution' resizes the input of a CLIP tower (LLaVA) or of a Qwen-VL ViT; on "
+            "resolution": "strategy='resolution' resizes the input of LLaVA-1.5's CLIP tower or of a Qwen-VL ViT; on "
             "this model use strategy='pool'.",
-            "encoder_pool": "strategy='encoder_pool' pools inside a CLIP tower (LLaVA) only; on Qwen-VL use "
+            "encoder_pool": "strategy='encoder_pool' pools inside LLaVA-1.5's CLIP tower only; on Qwen-VL use "
             "strategy='resolution' (the ViT runs natively on a smaller grid), elsewhere 'pool'.",
             "pool": "",
         }[config.strategy]

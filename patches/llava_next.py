@@ -1,0 +1,250 @@
+"""Adapter for LLaVA-NeXT (``model_type="llava_next"``, ``LlavaNextForConditionalGeneration``): anyres images.
+
+LLaVA-NeXT encodes each image as several CLIP crops: a low-resolution *base* view of the whole image and the tiles
+of a high-resolution grid (``image_grid_pinpoints``). ``pack_image_features`` then lays one image out as the base
+view's ``s x s`` tokens, followed by the tiles' tokens stitched into one ``H x W`` grid, *unpadded* (the rows or
+columns that only cover the letterbox padding are cut), with one ``image_newline`` token after every row of that
+grid. How vlmprune treats that layout:
+
+* **Parts.** Each image is one item of two parts, pruned separately: the base view (grid ``(1, s, s)``) and the
+  high-resolution crops (grid ``(1, H', W')``, after unpadding). The budget is the image's: ``keep`` applies to
+  all its grid tokens (base + crops, newlines excluded) and is split between the two parts in proportion to their
+  token counts (largest remainder, each part keeps at least one token), e.g. 0.11 of 576 + 2304 grid tokens keeps
+  64 + 254. This is HiPrune's and VisionZip's per-image retention "split over the crops", except that here the
+  crops are one unpadded grid, as the model sees them (the official codes prune each tile without unpadding and
+  drop the newlines, which changes the sequence vanilla LLaVA-NeXT was trained on).
+* **Newlines.** The ``image_newline`` tokens are always kept, where the model expects them (one per row of the
+  high-resolution grid, or one after the base view when an image has no crops); they count in ``tokens_out``
+  but not in the budget. A method never sees them.
+* **Signals from the tower.** The tower runs once per crop; the attention probes (HiPrune, VisionZip, DAMRO's CLS
+  score) capture one entry per crop, which is packed exactly like the features, with the layout the model's own
+  ``pack_image_features`` gives for that image (computed on an index tensor), so every score lines up with its
+  token. Scores of different tiles come from separate softmaxes (each tile is its own CLIP input). VisionZip's
+  CLS token is the base view's. DAMRO's contrastive branch uses the base view's outliers, as the official code.
+* **Positions.** 1-D RoPE: ``position_mode="contiguous"`` (default) or ``"original"``, as for LLaVA-1.5.
+
+``fastvlm``'s encoder strategies (``resolution``, ``encoder_pool``) are LLaVA-1.5 only; ``strategy="pool"`` works
+here (per part). LLaVA-OneVision's packing additionally downsamples large grids by interpolation and is not
+covered by this adapter.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PatchBypassedError
+from ._base import Part, VisionItem, _Call, content_key
+from .llava import LlavaAdapter
+
+__all__ = ["LlavaNextAdapter"]
+
+
+class _Layout:
+    """Where each token of one packed image (or video) sits, and how to lay per-tower-input values out the same way.
+
+    Built from the model's own packing code: ``packer(values, newline)`` packs ``values`` ``(n_units, unit_rows, C)``
+    (one row block per tower input, as the projector's output) exactly like the model packs its features, with
+    ``newline`` ``(C,)`` at the newline tokens; it is run once on ones with a NaN newline to find the newline tokens.
+
+    Attributes:
+        n: tokens of the item.
+        n_units: tower inputs (LLaVA-NeXT / OneVision images: base view + crops; OneVision videos: frames).
+        unit_rows: rows per tower input that reach the projector (``cells``, plus CLS under ``"full"``).
+        cells: patches per tower input (``s * s``).
+        newline: ``(n,)`` bool, the image-newline tokens.
+        parts: see :class:`vlmprune.patches._base.Part`.
+    """
+
+    def __init__(
+        self,
+        packer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        n_units: int,
+        unit_rows: int,
+        cells: int,
+        side: int,
+        video_grid: tuple[int, int, int] | None = None,
+    ) -> None:
+        self.packer, self.n_units, self.unit_rows, self.cells = packer, n_units, unit_rows, cells
+        ones = torch.ones(n_units, unit_rows, 1, dtype=torch.float64)
+        newline = packer(ones, torch.full((1,), float("nan"), dtype=torch.float64))[:, 0].isnan()
+        self.newline, self.n = newline, int(newline.numel())
+        idx = torch.arange(self.n)
+        if video_grid is not None:  # frames, pooled: one part, the newline(s) after it kept
+            frames = (~newline).nonzero().squeeze(-1)
+            t, h, w = video_grid
+            grid = video_grid if t * h * w == frames.numel() else (1, 1, int(frames.numel()))
+            self.parts = [Part(frames, grid, "frames")]
+            return
+        # the base view's rows come first (its CLS, under "full", is always kept); then the crops' stitched grid
+        base = idx[(idx >= unit_rows - cells) & (idx < unit_rows) & ~newline]
+        self.parts = [
+            Part(base, (1, side, side) if base.numel() == side * side else (1, 1, int(base.numel())), "base")
+        ]
+        high = idx[(idx >= unit_rows) & ~newline]
+        if high.numel():
+            rows = int(newline[int(high[0]) :].sum())  # one newline closes every row of the stitched grid
+            cols = high.numel() // rows if rows else 0
+            grid = (1, rows, cols) if rows and rows * cols == high.numel() else (1, 1, int(high.numel()))
+            self.parts.append(Part(high, grid, "crops"))
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.parts[-1].grid
+
+    def pack(self, per_unit: list[Any]) -> Any:
+        """Lay per-tower-input probe entries out like the item's tokens.
+
+        Args:
+            per_unit: one entry per tower input: a tensor whose first dimension is the input's ``cells`` patches
+                (after ``lead`` leading rows, e.g. CLS), or a dict of such entries.
+        Returns:
+            The same structure for the item: tensors of first dimension ``n`` (packed like the features,
+            interpolated where the model interpolates; zero at newline / CLS tokens), after the first input's
+            ``lead`` leading rows. Other values: the first input's.
+        """
+        first = per_unit[0]
+        if isinstance(first, dict):
+            return {k: self.pack([e[k] for e in per_unit]) for k in first}
+        if not isinstance(first, torch.Tensor) or first.ndim == 0 or not first.is_floating_point():
+            return first
+        lead = int(first.shape[0]) - self.cells
+        if lead not in (0, 1):
+            return first
+        stacked = torch.stack(per_unit)  # (U, lead + cells, ...)
+        trailing = stacked.shape[2:]
+        flat = stacked[:, lead:].reshape(self.n_units, self.cells, -1).float()
+        if self.unit_rows > self.cells:  # the projector also saw the CLS row: a zero row in its place
+            flat = torch.cat([flat.new_zeros(self.n_units, self.unit_rows - self.cells, flat.shape[-1]), flat], 1)
+        packed = self.packer(flat, flat.new_zeros(flat.shape[-1]))
+        packed = packed.masked_fill(self.newline.to(packed.device)[:, None], 0.0)
+        packed = packed.reshape(self.n, *trailing).to(first.dtype)
+        return torch.cat([stacked[0, :lead], packed]) if lead else packed
+
+
+class _PackedProbe:
+    """Wraps a LLaVA probe (one entry per tower input, i.e. per crop) so that ``collect`` gives one entry per
+    image, packed like its tokens (the layouts come from the adapter's last ``describe``)."""
+
+    def __init__(self, inner: Any, adapter: LlavaNextAdapter) -> None:
+        self.inner, self.adapter = inner, adapter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def install(self, ctx: Any) -> None:
+        self.inner.install(ctx)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def collect(self, n_items: int) -> list[Any]:
+        layouts = self.adapter.last_layouts
+        if len(layouts) != n_items:
+            raise PatchBypassedError(
+                f"LLaVA-NeXT probe: {n_items} images were encoded but their layout is known for {len(layouts)}."
+            )
+        units = self.inner.collect(sum(lay.n_units for lay in layouts))
+        out, start = [], 0
+        for lay in layouts:
+            out.append(lay.pack(units[start : start + lay.n_units]))
+            start += lay.n_units
+        return out
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    model_types = ("llava_next",)
+    label = "LLaVA-NeXT"
+    hf_class = "LlavaNextForConditionalGeneration"
+    positions = "`contiguous` (default) or `original`; newline tokens always kept"
+    mrope = False
+    provides = frozenset({"vit_attention", "vit_cls_attention"})
+
+    def __init__(self) -> None:
+        self.last_layouts: list[_Layout] = []
+        self._cache: dict[tuple, _Layout] = {}
+
+    # ---- layout ------------------------------------------------------------------------------------------------
+    def layout(self, model: nn.Module, image_size: Any, strategy: str) -> _Layout:
+        """The packed layout of one image of ``image_size`` ``(H, W)``, from the model's own packing code."""
+        hw = tuple(int(v) for v in (image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size))
+        key = (hw, strategy)
+        if key not in self._cache:
+            vlm = model.model
+            vc = model.config.vision_config
+            side = int(vc.image_size) // int(vc.patch_size)
+            size = torch.tensor([hw])
+
+            def packer(values: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+                return vlm.pack_image_features([values], size, strategy, image_newline=newline)[0][0]
+
+            unit_rows = side * side + (1 if strategy == "full" else 0)
+            self._cache[key] = _Layout(packer, self._n_crops(model, hw), unit_rows, side * side, side)
+        return self._cache[key]
+
+    @staticmethod
+    def _n_crops(model: nn.Module, hw: tuple[int, int]) -> int:
+        mod = sys.modules[type(model.model).__module__]
+        vc = model.config.vision_config
+        return int(
+            mod.image_size_to_num_patches(
+                image_size=list(hw), grid_pinpoints=model.config.image_grid_pinpoints, patch_size=vc.image_size
+            )
+        )
+
+    @staticmethod
+    def _strategy(inputs: dict[str, Any], model: nn.Module) -> str:
+        return inputs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
+
+    def _item(self, kind: str, lay: _Layout | None, n: int, key: int) -> VisionItem:
+        if lay is None or lay.n != n:
+            return VisionItem(kind, n, (1, 1, n), key)
+        return VisionItem(kind, n, lay.grid, key, parts=lay.parts)
+
+    def describe(
+        self, kind: str, inputs: dict[str, Any], features: list[torch.Tensor], model: nn.Module
+    ) -> list[VisionItem]:
+        sizes = inputs.get("image_sizes")
+        pixels = inputs.get("pixel_values")
+        strategy = self._strategy(inputs, model)
+        layouts, items = [], []
+        for i, f in enumerate(features):
+            n = int(f.shape[0])
+            lay = self.layout(model, sizes[i], strategy) if sizes is not None and i < len(sizes) else None
+            if lay is None or lay.n != n:
+                raise PatchBypassedError(
+                    f"LLaVA-NeXT image {i} has {n} tokens, but its packed layout for image_sizes "
+                    f"{None if sizes is None else sizes[i].tolist()} has {None if lay is None else lay.n}; this "
+                    "transformers release packs images differently. Run vlmprune.unpatch(model)."
+                )
+            layouts.append(lay)
+            # the crops this image really has (5-D pixels are padded to the batch's largest crop count)
+            own = pixels[i][: lay.n_units] if pixels is not None and pixels.ndim == 5 else f
+            items.append(self._item(kind, lay, n, content_key(own)))
+        self.last_layouts = layouts
+        return items
+
+    def fallback_item(self, kind: str, feature: torch.Tensor, call: _Call, index: int, model: nn.Module) -> VisionItem:
+        n = int(feature.shape[0])
+        sizes = call.kwargs.get("image_sizes")
+        lay = None
+        if sizes is not None and index < len(sizes):
+            lay = self.layout(model, sizes[index], self._strategy(call.kwargs, model))
+        return self._item(kind, lay, n, content_key(feature))
+
+    # ---- probes: one entry per crop in the tower, packed per image ------------------------------------------------
+    def attention_probe(self, model: nn.Module, layers: list[int]) -> Any:
+        return _PackedProbe(super().attention_probe(model, layers), self)
+
+    def layer_capture(self, model: nn.Module, layer: int) -> Any:
+        return _PackedProbe(super().layer_capture(model, layer), self)
+
+    def cls_probe(self, model: nn.Module, layer: int, mode: str) -> Any:
+        return _PackedProbe(super().cls_probe(model, layer, mode), self)
+
+    def install_encoder_reduction(self, ctx: Any, method: Any) -> None:  # not in `provides`: never called
+        raise NotImplementedError("fastvlm's encoder strategies are LLaVA-1.5 only")
