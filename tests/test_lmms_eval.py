@@ -353,3 +353,35 @@ def test_recorder_counts_qwen_grids_per_row():
         )
         assert r["flops"] == want.to_dict()
         assert r["batch_rows"] == 2 and r["ttft_ms"] > 0
+
+
+def test_recorder_counts_anyres_crops_per_row():
+    """LLaVA-NeXT: each row's vision FLOPs run the tower on its own images' base views and crops (3 for a 48 x 80
+    image, 5 for 112 x 112 on the tiny model's pinpoints), and the newline tokens reach the LLM."""
+    from vlmprune import stats
+    from vlmprune.testing import make_inputs, tiny_model
+
+    model = tiny_model("llava_next", seed=1)
+    config = vlmprune.make_config("uniform", keep=0.25)
+    inputs = make_inputs(model, [[5, "image", 3], [2, ("image", 112, 112), 1]])
+    crops = stats.anyres_crops(model.config, inputs["image_sizes"])
+    assert crops == [3, 5]
+    vlmprune.patch(model, config)
+    rec = plugin._Recorder(model, config, timing=True)
+    try:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        per_image = vlmprune.last_stats(model)["images"]
+    finally:
+        rec.remove()
+        vlmprune.unpatch(model)
+    for r, n_crops, image in zip(rec.records, crops, per_image, strict=True):
+        assert r["vision_tokens_at_llm"] == image["tokens_out"] < r["vision_tokens_in"] == image["tokens_in"]
+        want = stats.prefill_flops(
+            model.config,
+            n_text=r["prompt_tokens"] - r["vision_tokens_in"],
+            vision_in=r["vision_tokens_in"],
+            vision_out=r["vision_tokens_at_llm"],
+            config=config,
+            n_images=n_crops,
+        )
+        assert r["flops"] == want.to_dict()

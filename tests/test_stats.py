@@ -15,6 +15,7 @@ CASES = {
     "llava_next": ([[5, "image", 3, ("image", 112, 112), 2]], None, 3 + 5),  # base views + crops: 1 x 2 and 2 x 2
     "qwen2_vl": ([[5, ("image", 8, 12), 3, ("image", 4, 8)]], [(1, 8, 12), (1, 4, 8)], 0),
     "qwen2_5_vl": ([[5, ("image", 8, 12), 3, ("image", 4, 8)]], [(1, 8, 12), (1, 4, 8)], 0),
+    "qwen3_vl": ([[5, ("image", 8, 12), 3, ("image", 4, 8)]], [(1, 8, 12), (1, 4, 8)], 0),
 }
 
 
@@ -81,3 +82,35 @@ def test_fastv_flops_count_full_cost_for_the_first_layers(family):
     # the ranking adds the last token's attention row in layer K-1 (+ its q/k projections): a small extra
     assert llm <= counted <= llm * 1.05
     assert llm < stats.llm_flops(model.config.text_config, n)[0]
+
+
+def test_moe_llm_flops_count_router_and_routed_experts():
+    """Qwen3-VL-MoE: FlopCounterMode sees the attention, the router and the head but not the experts' grouped
+    matmuls; those are counted here from the routing itself (each routed (token, expert) pair runs gate/up and
+    down projections: 6 d I), and the sum must equal the analytic LLM FLOPs."""
+    spec = [[5, ("image", 8, 12), 3, ("image", 4, 8)]]
+    model = tiny_model("qwen3_vl_moe", seed=1)
+    inputs = inputs_for(model, spec)
+    tc = model.config.text_config
+    pairs = []
+
+    def count(mod, args, kwargs):
+        top_k = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+        pairs.append(int(top_k.numel()))
+
+    handles = [
+        layer.mlp.experts.register_forward_pre_hook(count, with_kwargs=True)
+        for layer in model.model.language_model.layers
+    ]
+    try:
+        counted = stats.count_flops(model, inputs, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    n = inputs["input_ids"].shape[1]
+    assert pairs == [n * tc.num_experts_per_tok] * tc.num_hidden_layers
+    experts = sum(pairs) * 6 * tc.hidden_size * tc.moe_intermediate_size
+    llm, head, _ = stats.llm_flops(tc, n)
+    _close(counted["llm_prefill"] + experts, llm, rel=1e-3)
+    vision, _ = stats.vision_flops(model.config, grids=[(1, 8, 12), (1, 4, 8)])
+    assert counted["vision"] == vision and counted["lm_head"] == head

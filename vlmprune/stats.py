@@ -11,15 +11,19 @@ Formulas (``n`` tokens through a block, ``d`` width, ``f`` MLP width, ``d_q = he
 ``d_kv = kv_heads * head_dim``):
 
 * LLM decoder layer: ``2 n d (2 d_q + 2 d_kv)`` (q, k, v, o projections; o maps ``d_q -> d``)
-  ``+ 3 * 2 n d f`` (gated MLP) ``+ 2 * 2 n_q n_k d_q`` (scores and values);
+  ``+ 3 * 2 n d f`` (gated MLP) ``+ 2 * 2 n_q n_k d_q`` (scores and values); a mixture-of-experts layer
+  (Qwen3-VL-MoE) replaces the MLP by its router ``2 n d E`` and the ``k`` experts each token runs,
+  ``k * 3 * 2 n d f_moe`` (torch's counter misses the experts' grouped matmuls; tests count them from the routing);
 * lm_head: ``2 d V`` per position whose logits are computed (``logits_to_keep``);
 * CLIP tower (LLaVA): patch conv ``2 P (3 p^2) d`` + per layer ``8 N d^2 + 4 N d f + 4 N^2 d`` with ``N = P + 1``
   (CLS), for every layer of the tower: transformers runs them all although LLaVA reads layer -2 (measured on
   5.0-5.24; ``vit_layers`` overrides it, e.g. for a tower truncated at the feature layer);
-* LLaVA projector: ``2 P d_v d_t + 2 P d_t^2`` per image (runs on all patches, before pruning);
+* LLaVA projector: ``2 P d_v d_t + 2 P d_t^2`` per image (runs on all patches, before pruning); LLaVA-NeXT: the
+  tower and projector run once per crop (base view included, :func:`anyres_crops`);
 * Qwen ViT: patch conv ``2 S (C t_p p^2) d``; per block ``2 S d (3d) + 2 S d d`` + MLP (Qwen2-VL ``4 S d f``;
-  Qwen2.5-VL gated ``6 S d f``) + attention ``4 d sum(n_c^2)`` over its attention chunks (frames for full
-  blocks, windows for Qwen2.5-VL's window blocks); merger ``2 (S/m^2) (d m^2)^2 + 2 (S/m^2) (d m^2) d_out``.
+  Qwen2.5-VL gated ``6 S d f``; Qwen3-VL ``4 S d f``) + attention ``4 d sum(n_c^2)`` over its attention chunks
+  (frames for full blocks, windows for Qwen2.5-VL's window blocks); merger ``2 (S/m^2) (d m^2)^2 + 2 (S/m^2) (d m^2)
+  d_out``, once more per DeepStack block for Qwen3-VL.
 """
 
 from __future__ import annotations
@@ -64,14 +68,28 @@ class FlopBreakdown:
         return d
 
 
-def llm_layer_flops(cfg: Any, n_q: int, n_k: int) -> float:
-    """One decoder layer for ``n_q`` new tokens attending to ``n_k`` keys (batch 1)."""
+def _sparse_layer(cfg: Any, layer: int | None) -> bool:
+    """Whether decoder layer ``layer`` has a mixture-of-experts feed-forward block (Qwen-MoE's rule)."""
+    if not (getattr(cfg, "num_experts", 0) or 0):
+        return False
+    if layer is None:
+        return True
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    return layer not in (getattr(cfg, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
+
+
+def llm_layer_flops(cfg: Any, n_q: int, n_k: int, layer: int | None = None) -> float:
+    """One decoder layer (index ``layer``, which matters for mixtures of experts) for ``n_q`` new tokens attending to
+    ``n_k`` keys (batch 1). A sparse layer counts its router and the ``num_experts_per_tok`` experts per token."""
     d = cfg.hidden_size
     hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
     d_q = cfg.num_attention_heads * hd
     d_kv = (cfg.num_key_value_heads or cfg.num_attention_heads) * hd
     proj = 2 * n_q * d * (2 * d_q + 2 * d_kv)
-    mlp = 3 * 2 * n_q * d * cfg.intermediate_size
+    if _sparse_layer(cfg, layer):
+        mlp = 2 * n_q * d * cfg.num_experts + 3 * 2 * n_q * cfg.num_experts_per_tok * d * cfg.moe_intermediate_size
+    else:
+        mlp = 3 * 2 * n_q * d * cfg.intermediate_size
     attn = 2 * 2 * n_q * n_k * d_q
     return float(proj + mlp + attn)
 
@@ -81,11 +99,11 @@ def llm_flops(cfg: Any, n_tokens: int, logits: int = 1, decode_context: int | No
 
     ``decode_context``: cache length the decode step attends to (default ``n_tokens``, the first new token).
     """
-    layers = cfg.num_hidden_layers
-    prefill = layers * llm_layer_flops(cfg, n_tokens, n_tokens)
+    layers = range(cfg.num_hidden_layers)
+    prefill = sum(llm_layer_flops(cfg, n_tokens, n_tokens, i) for i in layers)
     head = 2.0 * cfg.hidden_size * cfg.vocab_size
     ctx = (decode_context if decode_context is not None else n_tokens) + 1
-    decode = layers * llm_layer_flops(cfg, 1, ctx) + head
+    decode = sum(llm_layer_flops(cfg, 1, ctx, i) for i in layers) + head
     return prefill, logits * head, decode
 
 
@@ -95,12 +113,13 @@ def llm_flops_in_llm_pruning(
     """Like :func:`llm_flops` for a method that prunes inside the LLM (FastV): layers ``< layer`` process all
     ``n_tokens``, the others ``n_kept``; the decode step attends to ``n_tokens`` keys in the first layers and to
     ``n_kept`` in the rest."""
-    full = layer * llm_layer_flops(cfg, n_tokens, n_tokens)
-    rest = (cfg.num_hidden_layers - layer) * llm_layer_flops(cfg, n_kept, n_kept)
+    first, later = range(layer), range(layer, cfg.num_hidden_layers)
+    full = sum(llm_layer_flops(cfg, n_tokens, n_tokens, i) for i in first)
+    rest = sum(llm_layer_flops(cfg, n_kept, n_kept, i) for i in later)
     head = 2.0 * cfg.hidden_size * cfg.vocab_size
     decode = (
-        layer * llm_layer_flops(cfg, 1, n_tokens + 1)
-        + (cfg.num_hidden_layers - layer) * llm_layer_flops(cfg, 1, n_kept + 1)
+        sum(llm_layer_flops(cfg, 1, n_tokens + 1, i) for i in first)
+        + sum(llm_layer_flops(cfg, 1, n_kept + 1, i) for i in later)
         + head
     )
     return full + rest, logits * head, decode
@@ -123,13 +142,18 @@ def _clip_flops(
     return float(n_images * (2 * P * 3 * p * p * d + layers))
 
 
-def _qwen_vision_flops(vc: Any, grids: list[tuple[int, int, int]], window: bool) -> float:
+def _qwen_vision_flops(vc: Any, grids: list[tuple[int, int, int]], window: bool, qwen3: bool = False) -> float:
     m = vc.spatial_merge_size
-    d = getattr(vc, "embed_dim", None) if not window else vc.hidden_size
+    d = getattr(vc, "embed_dim", None) if not (window or qwen3) else vc.hidden_size
     d = d or vc.hidden_size
+    mergers = 1
     if window:  # Qwen2.5-VL: gated MLP, window attention except in fullatt blocks
         f, mlp_mult = vc.intermediate_size, 6
         d_out = vc.out_hidden_size
+    elif qwen3:  # Qwen3-VL: plain MLP; DeepStack adds one merger per tapped block
+        f, mlp_mult = vc.intermediate_size, 4
+        d_out = vc.out_hidden_size
+        mergers += len(getattr(vc, "deepstack_visual_indexes", None) or [])
     else:
         f, mlp_mult = int(d * vc.mlp_ratio), 4
         d_out = vc.hidden_size
@@ -153,7 +177,7 @@ def _qwen_vision_flops(vc: Any, grids: list[tuple[int, int, int]], window: bool)
         chunks = full_chunks if i in full else win_chunks
         total += 2 * S * d * 3 * d + 2 * S * d * d + mlp_mult * S * d * f + 4 * d * chunks
     dm = d * m * m
-    total += 2 * (S // (m * m)) * dm * dm + 2 * (S // (m * m)) * dm * d_out
+    total += mergers * (2 * (S // (m * m)) * dm * dm + 2 * (S // (m * m)) * dm * d_out)
     return float(total)
 
 
@@ -195,7 +219,7 @@ def vision_flops(
         dt = model_config.text_config.hidden_size
         proj = n_images * (2 * P_out * vc.hidden_size * dt + 2 * P_out * dt * dt)
         return _clip_flops(vc, n_images, vit_layers, P_in, pooled), float(proj)
-    if mt in ("qwen2_vl", "qwen2_5_vl"):
+    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         grids = list(grids or [])
         if strategy == "resolution":
             method, m = config.build(), vc.spatial_merge_size
@@ -204,7 +228,7 @@ def vision_flops(
                 h2, w2 = method.reduced_grid(h // m, w // m, t)  # the grid the adapter's hooks make
                 small.append((t, h2 * m, w2 * m))
             grids = small
-        return _qwen_vision_flops(vc, grids, window=mt == "qwen2_5_vl"), 0.0
+        return _qwen_vision_flops(vc, grids, window=mt == "qwen2_5_vl", qwen3=mt.startswith("qwen3")), 0.0
     raise ValueError(f"no FLOP formula for model_type {mt!r}")
 
 
