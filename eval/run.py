@@ -12,7 +12,8 @@ keep; ``damro`` alone runs once, at keep 1.0) and ``fastvlm:STRATEGY`` (``resolu
 existence question (rows then carry ``pope``: accuracy, precision, recall, F1, yes-ratio, per negative subtype).
 
 A model is a local checkpoint folder (``from_pretrained``; accuracy on the benchmark) or ``timing:<geometry>``:
-a random-weight model with the real widths/heads of LLaVA-1.5-7B or Qwen2.5-VL-7B (``--llm-layers`` /
+a random-weight model with the real widths/heads of LLaVA-1.5-7B, LLaVA-NeXT-7B (a 672 x 672 image, anyres: 2928
+tokens) or Qwen2.5-VL-7B (``--llm-layers`` /
 ``--vit-layers`` cut the depth so a CPU can time it; with real weights pass the checkpoint path instead). Every
 model gets an ``unpatched`` row; every (method, keep) a row with:
 
@@ -96,6 +97,14 @@ def _llava_7b(llm_layers: int | None, vit_layers: int | None) -> dict[str, Any]:
     )
 
 
+def _llava_next_7b(llm_layers: int | None, vit_layers: int | None) -> dict[str, Any]:
+    """LLaVA-NeXT-7B (LLaVA-1.6-Vicuna): LLaVA-1.5-7B's towers with anyres crops of 336 px on its default pinpoints
+    (a 672 x 672 image: base view + 2 x 2 crops = 576 + 2304 tokens + 48 newlines)."""
+    g = _llava_7b(llm_layers, vit_layers)
+    g["pinpoints"] = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    return g
+
+
 def _qwen25_7b(llm_layers: int | None, vit_layers: int | None) -> dict[str, Any]:
     """Qwen2.5-VL-7B: ViT d=1280 (32 blocks, windows of 112 px, full attention in blocks 7/15/23/31) + Qwen2.5-7B
     (28 layers, d=3584, 28 heads / 4 KV heads)."""
@@ -129,8 +138,10 @@ def _qwen25_7b(llm_layers: int | None, vit_layers: int | None) -> dict[str, Any]
 
 TIMING = {
     "llava-1.5-7b": ("llava", _llava_7b),
+    "llava-next-7b": ("llava_next", _llava_next_7b),
     "qwen2.5-vl-7b": ("qwen2_5_vl", _qwen25_7b),
     "llava-tiny": ("llava", None),  # vlmprune.testing's test-size models: for tests of the harness itself
+    "llava-next-tiny": ("llava_next", None),
     "qwen2-vl-tiny": ("qwen2_vl", None),
 }
 
@@ -157,6 +168,17 @@ def build_timing_model(name: str, llm_layers: int | None, vit_layers: int | None
             projector_hidden_act="gelu",
         )
         cls = tf.LlavaForConditionalGeneration
+    elif family == "llava_next":
+        cfg = tf.LlavaNextConfig(
+            vision_config=tf.CLIPVisionConfig(**g["vision"]),
+            text_config=tf.LlamaConfig(**text),
+            image_token_index=testing._IMAGE,
+            image_grid_pinpoints=g["pinpoints"],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+        cls = tf.LlavaNextForConditionalGeneration
     else:
         cfg = tf.Qwen2_5_VLConfig(
             text_config=text,
@@ -337,6 +359,8 @@ def _timing_inputs(model: Any, name: str, cfg: RunConfig, processor: Any, rows: 
     half = cfg.text_tokens // 2
     if model.config.model_type == "llava":
         image: Any = "image"
+    elif model.config.model_type == "llava_next":  # (H, W) in pixels: 672 x 672 = LLaVA-NeXT's 2 x 2 crop grid
+        image = ("image", 672, 672) if "tiny" not in name else ("image", 112, 112)
     elif cfg.image_patches is not None:
         image = ("image", *cfg.image_patches)
     else:  # a 672 x 672 image: 48 x 48 patches -> 576 tokens, LLaVA-1.5's count
@@ -349,12 +373,14 @@ def _analytic(
 ) -> dict[str, float]:
     cfg = model.config
     n_text = int(inputs["input_ids"][0].shape[0]) - n_vis_in
-    grids = None
-    if cfg.model_type != "llava":
+    grids, n_images = None, 1
+    if "image_grid_thw" in inputs:
         grids = [tuple(int(v) for v in inputs["image_grid_thw"][0])]
+    if cfg.model_type == "llava_next":  # the tower and projector run on every crop
+        n_images = sum(stats.anyres_crops(cfg, inputs["image_sizes"]))
     mcfg = setting_config(method, keep) if method is not None else None
     return stats.prefill_flops(
-        cfg, n_text=n_text, vision_in=n_vis_in, vision_out=n_vis_out, config=mcfg, n_images=1, grids=grids
+        cfg, n_text=n_text, vision_in=n_vis_in, vision_out=n_vis_out, config=mcfg, n_images=n_images, grids=grids
     ).to_dict()
 
 
@@ -377,7 +403,7 @@ def _ideal(model: Any, inputs: dict, keep: Any) -> Any:
         finally:
             handle.remove()
     captured["use_cache"] = True
-    vis_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    vis_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
     embed = model.get_input_embeddings()
 
     @torch.inference_mode()
@@ -436,7 +462,7 @@ def measure_model(spec: str, cfg: RunConfig, todo: list[tuple[str | None, Any]],
         with contrasting():
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    vis_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    vis_kwargs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
 
     @torch.inference_mode()
     def encode() -> Any:

@@ -175,3 +175,39 @@ def test_peak_rss_delta_sees_a_temporary_allocation():
     assert n == 200 * 2**20 and delta >= 150 * 2**20
     _, idle = peak_rss_delta(lambda: None)
     assert idle < 50 * 2**20
+
+
+def test_anyres_timing_model_counts_crops_and_newlines(tmp_path):
+    """LLaVA-NeXT through the harness: FLOPs count the tower on every crop (analytic == torch's counter) and the LLM
+    gets the budget plus the newline tokens."""
+    out = tmp_path / "next.jsonl"
+    _eval(
+        "run",
+        "--models",
+        "timing:llava-next-tiny",
+        "--methods",
+        "uniform",
+        "--keep",
+        "0.25",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--decode-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    )
+    rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    base, pruned = rows[None], rows["uniform"]
+    # 112 x 112 on the tiny pinpoints: base view (16) + 2 x 2 crops (8 x 8) + 8 newlines
+    assert base["vision_tokens_in"] == pruned["vision_tokens_in"] == 16 + 64 + 8
+    assert pruned["vision_tokens_at_llm"] == 4 + 16 + 8
+    for r in (base, pruned):
+        assert r["flops_analytic_over_counter"] == pytest.approx(1.0, rel=1e-3)
+    assert (
+        pruned["flops"]["vision"] == base["flops"]["vision"]
+        and pruned["flops"]["llm_prefill"] < base["flops"]["llm_prefill"]
+    )
