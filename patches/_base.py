@@ -773,17 +773,11 @@ class PatchState:
         if k >= n:
             info["tokens_out"] = n + seg.prefix
             return seg.positions, None, info, None
-        item = ImageTokens(emb[seg.row, grid_pos], seg.grid, k, seg.key, seg.kind, seg.index, seg.row, seg.extras)
-        sel = self.method.select(item)
-        self._validate(sel, n, k, emb)
+        sel = self._ask(seg, grid_pos, seg.grid, k, seg.key, seg.extras, emb, info, fixed=seg.prefix)
         kept = torch.cat([seg.positions[: seg.prefix], grid_pos[sel.indices.to(grid_pos.device)]])
         tokens = sel.tokens
         if tokens is not None and seg.prefix:
             tokens = torch.cat([emb[seg.row, seg.positions[: seg.prefix]], tokens.to(emb.dtype)])
-        info["tokens_out"] = int(sel.indices.numel()) + seg.prefix
-        info["kept_indices"] = sel.indices.tolist()  # grid-relative (prefix excluded); merged: representatives
-        if sel.info:
-            info.update(sel.info)
         grid = None
         if sel.grid is not None and self.adapter.mrope:  # 1-D RoPE: kept tokens are numbered in order anyway
             grid = tuple(int(v) for v in sel.grid)
@@ -824,18 +818,11 @@ class PatchState:
                 continue
             key = (seg.key ^ (j * 0x9E37_79B9_7F4A_7C15)) & 0x7FFF_FFFF_FFFF_FFFF if j else seg.key
             extras = _part_extras(seg.extras, rows, n_all) if isinstance(seg.extras, dict) else {}
-            feats = emb[seg.row, seg.positions[rows]]
-            item = ImageTokens(feats, p.grid, kj, key, seg.kind, seg.index, seg.row, extras)
-            sel = self.method.select(item)
-            self._validate(sel, sizes[j], kj, emb)
+            sel = self._ask(seg, seg.positions[rows], p.grid, kj, key, extras, emb, pinfo)
             chosen = rows[sel.indices.to(dev)]
             keep[chosen] = True
             if sel.tokens is not None:
                 replaced.append((chosen, sel.tokens))
-            pinfo["tokens_out"] = int(sel.indices.numel())
-            pinfo["kept_indices"] = sel.indices.tolist()
-            if sel.info:
-                pinfo.update(sel.info)
             parts_info.append(pinfo)
         kept_rows = keep.nonzero().squeeze(-1)
         kept = seg.positions[kept_rows]
@@ -850,6 +837,30 @@ class PatchState:
         info["always_kept"] = n_all - n
         info["parts"] = parts_info
         return kept, tokens, info, None
+
+    def _ask(
+        self,
+        seg: Segment,
+        pos: torch.Tensor,
+        grid: tuple[int, int, int],
+        k: int,
+        key: int,
+        extras: dict[str, Any],
+        emb: torch.Tensor,
+        info: dict[str, Any],
+        fixed: int = 0,
+    ) -> Selection:
+        """Ask the method for ``k`` of ``seg``'s tokens at sequence positions ``pos`` (``(n,)``, laid out as
+        ``grid``); validate its answer and record ``tokens_out`` (plus ``fixed`` always-kept tokens),
+        ``kept_indices`` (relative to ``pos``; merged tokens: their representatives) and the method's own info."""
+        item = ImageTokens(emb[seg.row, pos], grid, k, key, seg.kind, seg.index, seg.row, extras)
+        sel = self.method.select(item)
+        self._validate(sel, int(pos.numel()), k, emb)
+        info["tokens_out"] = int(sel.indices.numel()) + fixed
+        info["kept_indices"] = sel.indices.tolist()
+        if sel.info:
+            info.update(sel.info)
+        return sel
 
     def _validate(self, sel: Selection, n: int, k: int, emb: torch.Tensor) -> None:
         idx = sel.indices
