@@ -17,20 +17,18 @@ grid. How vlmprune treats that layout:
   high-resolution grid, or one after the base view when an image has no crops); they count in ``tokens_out``
   but not in the budget. A method never sees them.
 * **Signals from the tower.** The tower runs once per crop; the attention probes (HiPrune, VisionZip, DAMRO's CLS
-  score) capture one entry per crop, which is packed exactly like the features, with the layout the model's own
-  ``pack_image_features`` gives for that image (computed on an index tensor), so every score lines up with its
-  token. Scores of different tiles come from separate softmaxes (each tile is its own CLIP input). VisionZip's
+  score) capture one entry per crop, which is packed exactly like the features, by the model's own
+  ``pack_image_features`` (the layout itself comes from packing ones with a NaN newline), so every score lines up
+  with its token. Scores of different tiles come from separate softmaxes (each tile is its own CLIP input). VisionZip's
   CLS token is the base view's. DAMRO's contrastive branch uses the base view's outliers, as the official code.
 * **Positions.** 1-D RoPE: ``position_mode="contiguous"`` (default) or ``"original"``, as for LLaVA-1.5.
 
 ``fastvlm``'s encoder strategies (``resolution``, ``encoder_pool``) are LLaVA-1.5 only; ``strategy="pool"`` works
-here (per part). LLaVA-OneVision's packing additionally downsamples large grids by interpolation and is not
-covered by this adapter.
+here (per part). LLaVA-OneVision (:mod:`vlmprune.patches.llava_onevision`) subclasses this adapter.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import PatchBypassedError
+from ..stats import anyres_crops
 from ._base import Part, VisionItem, _Call, content_key
 from .llava import LlavaAdapter
 
@@ -169,32 +168,38 @@ class LlavaNextAdapter(LlavaAdapter):
         self._cache: dict[tuple, _Layout] = {}
 
     # ---- layout ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _hw(image_size: Any) -> tuple[int, ...]:
+        return tuple(int(v) for v in (image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size))
+
+    @staticmethod
+    def _side(model: nn.Module) -> int:
+        vc = model.config.vision_config
+        return int(vc.image_size) // int(vc.patch_size)
+
+    def _unit_rows(self, model: nn.Module, strategy: str) -> int:
+        """Rows per tower input that reach the projector: the tower's tokens (CLIP: CLS + patches; SigLIP: patches),
+        less the first one under ``"default"``."""
+        side = self._side(model)
+        tower = model.model.vision_tower
+        emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+        has_cls = getattr(emb, "class_embedding", None) is not None
+        return side * side + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
+
     def layout(self, model: nn.Module, image_size: Any, strategy: str) -> _Layout:
         """The packed layout of one image of ``image_size`` ``(H, W)``, from the model's own packing code."""
-        hw = tuple(int(v) for v in (image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size))
+        hw = self._hw(image_size)
         key = (hw, strategy)
         if key not in self._cache:
-            vlm = model.model
-            vc = model.config.vision_config
-            side = int(vc.image_size) // int(vc.patch_size)
+            vlm, side = model.model, self._side(model)
             size = torch.tensor([hw])
 
             def packer(values: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
                 return vlm.pack_image_features([values], size, strategy, image_newline=newline)[0][0]
 
-            unit_rows = side * side + (1 if strategy == "full" else 0)
-            self._cache[key] = _Layout(packer, self._n_crops(model, hw), unit_rows, side * side, side)
+            n_crops = anyres_crops(model.config, [hw])[0]
+            self._cache[key] = _Layout(packer, n_crops, self._unit_rows(model, strategy), side * side, side)
         return self._cache[key]
-
-    @staticmethod
-    def _n_crops(model: nn.Module, hw: tuple[int, int]) -> int:
-        mod = sys.modules[type(model.model).__module__]
-        vc = model.config.vision_config
-        return int(
-            mod.image_size_to_num_patches(
-                image_size=list(hw), grid_pinpoints=model.config.image_grid_pinpoints, patch_size=vc.image_size
-            )
-        )
 
     @staticmethod
     def _strategy(inputs: dict[str, Any], model: nn.Module) -> str:
@@ -205,26 +210,40 @@ class LlavaNextAdapter(LlavaAdapter):
             return VisionItem(kind, n, (1, 1, n), key)
         return VisionItem(kind, n, lay.grid, key, parts=lay.parts)
 
+    def item_layouts(
+        self, kind: str, inputs: dict[str, Any], features: list[torch.Tensor], model: nn.Module
+    ) -> tuple[list[_Layout], torch.Tensor | None]:
+        """The layout of every item ``get_{kind}_features`` just encoded, and the pixels it encoded (5-D: one row
+        per item, padded to the batch's largest crop count). LLaVA-NeXT: images, from ``image_sizes``."""
+        sizes = inputs.get("image_sizes")
+        if sizes is None or len(sizes) != len(features):
+            raise PatchBypassedError(
+                f"{self.label}: {len(features)} images encoded but image_sizes describes "
+                f"{None if sizes is None else len(sizes)}; cannot lay the tokens out. Build inputs with the model's "
+                "processor."
+            )
+        strategy = self._strategy(inputs, model)
+        return [self.layout(model, hw, strategy) for hw in sizes], inputs.get("pixel_values")
+
     def describe(
         self, kind: str, inputs: dict[str, Any], features: list[torch.Tensor], model: nn.Module
     ) -> list[VisionItem]:
-        sizes = inputs.get("image_sizes")
-        pixels = inputs.get("pixel_values")
-        strategy = self._strategy(inputs, model)
-        layouts, items = [], []
-        for i, f in enumerate(features):
+        layouts, pixels = self.item_layouts(kind, inputs, features, model)
+        items = []
+        for i, (f, lay) in enumerate(zip(features, layouts, strict=True)):
             n = int(f.shape[0])
-            lay = self.layout(model, sizes[i], strategy) if sizes is not None and i < len(sizes) else None
-            if lay is None or lay.n != n:
+            # the tower inputs this item really has (5-D pixels are padded to the batch's largest count)
+            key = content_key(pixels[i][: lay.n_units] if pixels is not None and pixels.ndim == 5 else f)
+            if kind == "video" and lay.n == n + 1:
+                # OneVision on transformers <= ~5.12 appends the video's newline in forward, after
+                # get_video_features: the item still spans it (its placeholders do)
+                n = lay.n
+            if lay.n != n:
                 raise PatchBypassedError(
-                    f"LLaVA-NeXT image {i} has {n} tokens, but its packed layout for image_sizes "
-                    f"{None if sizes is None else sizes[i].tolist()} has {None if lay is None else lay.n}; this "
-                    "transformers release packs images differently. Run vlmprune.unpatch(model)."
+                    f"{self.label} {kind} {i} has {n} tokens, but its packed layout has {lay.n}; this transformers "
+                    "release packs them differently. Run vlmprune.unpatch(model)."
                 )
-            layouts.append(lay)
-            # the crops this image really has (5-D pixels are padded to the batch's largest crop count)
-            own = pixels[i][: lay.n_units] if pixels is not None and pixels.ndim == 5 else f
-            items.append(self._item(kind, lay, n, content_key(own)))
+            items.append(self._item(kind, lay, n, key))
         self.last_layouts = layouts
         return items
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import PatchBypassedError
+from ..stats import anyres_crops
 from ._base import VisionItem, content_key
 from ._probes import ClipAttentionProbe
 from .llava_next import LlavaNextAdapter, _Layout, _PackedProbe
@@ -42,25 +43,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     mrope = False
     provides = frozenset({"vit_attention"})  # SigLIP: no CLS token
 
-    def _side(self, model: nn.Module) -> int:
-        vc = model.config.vision_config
-        return int(vc.image_size) // int(vc.patch_size)
-
-    def _unit_rows(self, model: nn.Module, strategy: str) -> int:
-        """Rows per tower input that reach the projector: ``"default"`` drops the tower's first token."""
-        side = self._side(model)
-        tower_tokens = side * side + (1 if self._tower_has_cls(model) else 0)
-        return tower_tokens - (1 if strategy == "default" else 0)
-
-    @staticmethod
-    def _tower_has_cls(model: nn.Module) -> bool:
-        tower = model.model.vision_tower
-        emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
-        return getattr(emb, "class_embedding", None) is not None
-
     def image_layout(self, model: nn.Module, image_size: Any, strategy: str, aspect: str, anyres: bool) -> _Layout:
         """One image of ``image_size`` ``(H, W)``: anyres crops unless ``anyres`` is False (multi-image samples)."""
-        hw = tuple(int(v) for v in (image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size))
+        hw = self._hw(image_size)
         key = ("image", hw, strategy, aspect, anyres)
         if key not in self._cache:
             vlm, side = model.model, self._side(model)
@@ -69,7 +54,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             def packer(values: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
                 return vlm.pack_image_features([values], size, image_newline=newline, vision_aspect_ratio=aspect)[0][0]
 
-            n_units = self._n_crops(model, hw) if anyres else 1
+            n_units = anyres_crops(model.config, [hw])[0] if anyres else 1
             unit_rows = self._unit_rows(model, strategy)
             self._cache[key] = _Layout(packer, n_units, unit_rows, side * side, side)
         return self._cache[key]
@@ -89,9 +74,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             self._cache[key] = _Layout(packer, frames, unit_rows, side * side, side, video_grid=(frames, h, w))
         return self._cache[key]
 
-    def describe(
+    def item_layouts(
         self, kind: str, inputs: dict[str, Any], features: list[torch.Tensor], model: nn.Module
-    ) -> list[VisionItem]:
+    ) -> tuple[list[_Layout], torch.Tensor | None]:
         strategy = self._strategy(inputs, model)
         if kind == "video":
             pixels = inputs.get("pixel_values_videos", inputs.get("pixel_values"))  # renamed after 5.0
@@ -100,42 +85,20 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                     "LLaVA-OneVision encoded videos without (videos, frames, C, H, W) pixels in view; cannot lay "
                     "their tokens out. Run vlmprune.unpatch(model)."
                 )
-            frames = int(pixels.shape[1])
-            layouts = [self.video_layout(model, frames, strategy) for _ in features]
-            keys = [content_key(pixels[i]) for i in range(len(features))]
-        else:
-            sizes = inputs.get("image_sizes")
-            pixels = inputs.get("pixel_values")
-            aspect = inputs.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
-            per_sample = inputs.get("batch_num_images")
-            anyres = (
-                [True] * len(features) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(n)]
+            return [self.video_layout(model, int(pixels.shape[1]), strategy) for _ in features], pixels
+        sizes = inputs.get("image_sizes")
+        aspect = inputs.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
+        per_sample = inputs.get("batch_num_images")
+        anyres = [True] * len(features) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(n)]
+        if sizes is None or len(sizes) != len(features) or len(anyres) != len(features):
+            raise PatchBypassedError(
+                f"LLaVA-OneVision: {len(features)} images encoded but image_sizes / batch_num_images describe "
+                "another count; cannot lay the tokens out. Build inputs with the model's processor."
             )
-            if sizes is None or len(sizes) != len(features) or len(anyres) != len(features):
-                raise PatchBypassedError(
-                    f"LLaVA-OneVision: {len(features)} images encoded but image_sizes / batch_num_images describe "
-                    "another count; cannot lay the tokens out. Build inputs with the model's processor."
-                )
-            layouts = [self.image_layout(model, sizes[i], strategy, aspect, anyres[i]) for i in range(len(features))]
-            keys = [
-                content_key(pixels[i][: lay.n_units] if pixels is not None and pixels.ndim == 5 else f)
-                for i, (f, lay) in enumerate(zip(features, layouts, strict=True))
-            ]
-        items = []
-        for i, (f, lay, key) in enumerate(zip(features, layouts, keys, strict=True)):
-            if kind == "video" and lay.n == int(f.shape[0]) + 1:
-                # transformers <= ~5.12 appends the video's newline in forward, after get_video_features: the
-                # item still spans it (its placeholders do)
-                items.append(self._item(kind, lay, lay.n, key))
-                continue
-            if lay.n != int(f.shape[0]):
-                raise PatchBypassedError(
-                    f"LLaVA-OneVision {kind} {i} has {int(f.shape[0])} tokens but its packed layout has {lay.n}; this "
-                    "transformers release packs them differently. Run vlmprune.unpatch(model)."
-                )
-            items.append(self._item(kind, lay, int(f.shape[0]), key))
-        self.last_layouts = layouts
-        return items
+        layouts = [
+            self.image_layout(model, hw, strategy, aspect, multi) for hw, multi in zip(sizes, anyres, strict=True)
+        ]
+        return layouts, inputs.get("pixel_values")
 
     def fallback_item(self, kind: str, feature: torch.Tensor, call: Any, index: int, model: nn.Module) -> VisionItem:
         n = int(feature.shape[0])
