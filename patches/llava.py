@@ -41,12 +41,18 @@ class LlavaAdapter(Adapter):
         return layer - 1 if layer >= 0 else layer
 
     @staticmethod
-    def first_read_block(model: nn.Module) -> int:
-        """The earliest CLIP block whose output LLaVA reads (``vision_feature_layer`` may list several)."""
-        layers = model.config.vision_feature_layer
+    def first_read_block(config: Any) -> int:
+        """The earliest CLIP block whose output LLaVA reads (``config.vision_feature_layer`` may list several)."""
+        layers = config.vision_feature_layer
         layers = layers if isinstance(layers, (list, tuple)) else [layers]
-        depth = model.config.vision_config.num_hidden_layers
+        depth = config.vision_config.num_hidden_layers
         return min((layer - 1 if layer >= 0 else layer) % depth for layer in layers)
+
+    @classmethod
+    def encoder_pool_layer(cls, config: Any, layer: int | None) -> int:
+        """The block after which ``fastvlm``'s ``encoder_pool`` pools: ``layer``, or by default half way to the
+        first block LLaVA reads (also what :func:`vlmprune.stats.vision_flops` counts)."""
+        return layer if layer is not None else cls.first_read_block(config) // 2
 
     def layer_capture(self, model: nn.Module, layer: int) -> ClipLayerCapture:
         """CLS-row attention, head-mean keys and output hidden states of one block, per image."""
@@ -102,8 +108,8 @@ class LlavaAdapter(Adapter):
             ctx.register(tower.register_forward_pre_hook(smaller_input, with_kwargs=True))
         else:
             blocks = self._blocks(model)
-            read = self.first_read_block(model)
-            layer = method.config.layer if method.config.layer is not None else read // 2
+            read = self.first_read_block(model.config)
+            layer = self.encoder_pool_layer(model.config, method.config.layer)
             if layer >= read:
                 choice = f"pick a layer in [0, {read - 1}]" if read else "this tower is too shallow to pool inside"
                 raise ConfigError(

@@ -212,10 +212,9 @@ def vision_flops(
             if strategy == "resolution":
                 P_in = P_out
             else:
-                vfl = model_config.vision_feature_layer
-                vfl = vfl if isinstance(vfl, (list, tuple)) else [vfl]
-                read = min((v - 1 if v >= 0 else v) % vc.num_hidden_layers for v in vfl)
-                pooled = (config.layer if config.layer is not None else read // 2, P_out)
+                from .patches.llava import LlavaAdapter
+
+                pooled = (LlavaAdapter.encoder_pool_layer(model_config, config.layer), P_out)
         dt = model_config.text_config.hidden_size
         proj = n_images * (2 * P_out * vc.hidden_size * dt + 2 * P_out * dt * dt)
         return _clip_flops(vc, n_images, vit_layers, P_in, pooled), float(proj)
