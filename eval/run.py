@@ -158,27 +158,11 @@ def build_timing_model(name: str, llm_layers: int | None, vit_layers: int | None
     g = geometry(llm_layers, vit_layers)
     text = testing._text_cfg(**g["text"])
     torch.manual_seed(0)
-    if family == "llava":
-        cfg = tf.LlavaConfig(
-            vision_config=tf.CLIPVisionConfig(**g["vision"]),
-            text_config=tf.LlamaConfig(**text),
-            image_token_id=testing._IMAGE,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            projector_hidden_act="gelu",
+    if family in ("llava", "llava_next"):
+        cfg = testing._llava_config(
+            family, g["vision"], text, **({"image_grid_pinpoints": g["pinpoints"]} if "pinpoints" in g else {})
         )
-        cls = tf.LlavaForConditionalGeneration
-    elif family == "llava_next":
-        cfg = tf.LlavaNextConfig(
-            vision_config=tf.CLIPVisionConfig(**g["vision"]),
-            text_config=tf.LlamaConfig(**text),
-            image_token_index=testing._IMAGE,
-            image_grid_pinpoints=g["pinpoints"],
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            projector_hidden_act="gelu",
-        )
-        cls = tf.LlavaNextForConditionalGeneration
+        cls = tf.LlavaNextForConditionalGeneration if family == "llava_next" else tf.LlavaForConditionalGeneration
     else:
         cfg = tf.Qwen2_5_VLConfig(
             text_config=text,

@@ -100,6 +100,25 @@ LLAVA_SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
+def _llava_config(family: str, vision: dict[str, Any], text: dict[str, Any], **over: Any) -> Any:
+    """A LLaVA-1.5 (``"llava"``) or LLaVA-NeXT (``"llava_next"``) config: a CLIP tower of ``vision``, a Llama LLM of
+    ``text`` (see :func:`_text_cfg`), LLaVA's features (layer -2, ``"default"``, CLS dropped) and this module's
+    image token; ``over`` adds or replaces top-level keys (e.g. NeXT's ``image_grid_pinpoints``)."""
+    import transformers as tf
+
+    kw: dict[str, Any] = dict(
+        vision_config=tf.CLIPVisionConfig(**vision),
+        text_config=tf.LlamaConfig(**text),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    # the releases' own argument names (5.0's LlavaNextConfig has no image_token_id parameter)
+    kw["image_token_index" if family == "llava_next" else "image_token_id"] = _IMAGE
+    kw.update(over)
+    return (tf.LlavaNextConfig if family == "llava_next" else tf.LlavaConfig)(**kw)
+
+
 def tiny_model(
     family: str,
     *,
@@ -121,32 +140,15 @@ def tiny_model(
     torch.manual_seed(seed)
     if family == "llava":
         vision, text = LLAVA_SIZES[size]
-        kw: dict[str, Any] = dict(
-            vision_config=tf.CLIPVisionConfig(**vision),
-            text_config=tf.LlamaConfig(**_text_cfg(**text)),
-            image_token_id=_IMAGE,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            projector_hidden_act="gelu",
-        )
-        kw.update(over)
-        cfg = tf.LlavaConfig(**kw)
+        cfg = _llava_config(family, vision, _text_cfg(**text), **over)
         cls = tf.LlavaForConditionalGeneration
     elif family == "llava_next":  # anyres: 56 px crops (4 x 4 tokens each), grids of up to 2 x 2 crops
         if size != "tiny":
             raise ValueError(f"size={size!r} exists for llava only; llava_next comes in size='tiny'")
         vision, _ = LLAVA_SIZES["tiny"]
-        kw = dict(
-            vision_config=tf.CLIPVisionConfig(**vision),
-            text_config=tf.LlamaConfig(**_text_cfg()),
-            image_token_index=_IMAGE,
-            image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            projector_hidden_act="gelu",
-        )
+        kw: dict[str, Any] = {"image_grid_pinpoints": [[56, 112], [112, 56], [112, 112]]}
         kw.update(over)
-        cfg = tf.LlavaNextConfig(**kw)
+        cfg = _llava_config(family, vision, _text_cfg(), **kw)
         cls = tf.LlavaNextForConditionalGeneration
     elif family == "llava_onevision":  # SigLIP (no CLS) 56 px crops; anyres_max_2: a 2 x 2 crop grid is interpolated
         if size != "tiny":
