@@ -96,7 +96,7 @@ def fixed_counts(model: torch.nn.Module, inputs: dict[str, Any], per_row: list[l
     """Per row, per image (``per_row``: the images' placeholder counts, in order): the tokens every method keeps
     outside the budget, i.e. LLaVA-NeXT's / OneVision's image-newline tokens, found as the rows of the unpatched LLM
     input that equal the model's ``image_newline`` (0 for other families). Call on an unpatched model."""
-    if model.config.model_type not in ("llava_next", "llava_onevision"):
+    if model.config.model_type not in ANYRES:
         return [[0] * len(row) for row in per_row]
     assert not vlmprune.is_patched(model)
     with LLMProbe(model) as probe, torch.no_grad():

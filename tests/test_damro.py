@@ -300,12 +300,9 @@ def test_main_branch_gets_the_budget_and_branch_is_short(model):
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     tok = model.config.image_token_id
     n_img = [(ids[b][mask[b]] == tok).sum().item() for b in range(ids.shape[0])]
-    per_row = []  # placeholder count per image (the specs separate images by text)
-    for b in range(ids.shape[0]):
-        is_img = (ids[b][mask[b]] == tok).long()
-        starts = ((is_img[1:] - is_img[:-1]) == 1).nonzero().squeeze(-1) + 1
-        ends = ((is_img[1:] - is_img[:-1]) == -1).nonzero().squeeze(-1) + 1
-        per_row.append((ends - starts).tolist())
+    from test_conformance import _vision_counts
+
+    per_row = _vision_counts(model, inputs)  # placeholder count per image, from the inputs
     fixed = fixed_counts(model, inputs, per_row)  # LLaVA-NeXT's newline tokens: kept outside the budget
     vlmprune.patch(model, method="damro", prune="uniform", keep=0.25, top_k=2)
     with LLMProbe(model) as probe, torch.no_grad():

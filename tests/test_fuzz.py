@@ -43,7 +43,7 @@ def _model(family: str, dtype: torch.dtype) -> torch.nn.Module:
 def _image(rng: random.Random, family: str) -> Any:
     if family in ("llava", "fast_vlm"):
         return "image"
-    if family in ("llava_next", "llava_onevision"):  # (H, W) in pixels: anyres crop grids, unpadding, interpolation
+    if family in ANYRES:  # (H, W) in pixels: anyres crop grids, unpadding, interpolation
         if family == "llava_onevision" and rng.random() < 0.15:
             return ("video", 2)  # one batch's videos share a frame count (the processor stacks them)
         return ("image", *rng.choice([(48, 80), (30, 100), (112, 112), (56, 56), (100, 30)]))
@@ -124,7 +124,7 @@ def _expected_refusal(case: dict[str, Any], inputs: dict[str, torch.Tensor]) -> 
     methods = {case["method"], case["prune"]} - {None}
     if case["family"] == "fast_vlm" and methods & {"hiprune", "visionzip"}:
         return "UnsupportedModelError"  # no ViT attention to read (README, patches/fast_vlm.py)
-    if case["family"] in ("fast_vlm", "llava_next", "llava_onevision") and "fastvlm" in methods:
+    if (case["family"] == "fast_vlm" or case["family"] in ANYRES) and "fastvlm" in methods:
         return "UnsupportedModelError"  # fastvlm's default strategy (resolution): LLaVA-1.5 / Qwen-VL towers only
     if "fastvlm" in methods and inputs.get("video_grid_thw") is not None:
         m = 2  # the tiny Qwen configs' merge size

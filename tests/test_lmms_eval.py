@@ -320,10 +320,24 @@ def test_text_only_prompt_after_an_image_reads_no_stale_stats():
     assert txt["flops"]["vision"] == 0 and txt["ttft_ms"] is None
 
 
+def _row_flops(model, config, record: dict, **vision) -> dict:
+    """The FLOPs ``vlmprune.stats`` gives for one recorded row (its text, vision tokens in / at the LLM, and the
+    row's own vision work: ``grids`` or ``n_images``)."""
+    from vlmprune import stats
+
+    return stats.prefill_flops(
+        model.config,
+        n_text=record["prompt_tokens"] - record["vision_tokens_in"],
+        vision_in=record["vision_tokens_in"],
+        vision_out=record["vision_tokens_at_llm"],
+        config=config,
+        **vision,
+    ).to_dict()
+
+
 def test_recorder_counts_qwen_grids_per_row():
     """The plugin's bookkeeping on an M-RoPE model with a padded batch of two prompts with different images: each
     row's vision tokens, budget at the LLM and vision FLOPs (from its own image grids) are its own."""
-    from vlmprune import stats
     from vlmprune.testing import make_inputs, tiny_model
 
     model = tiny_model("qwen2_vl", seed=1)
@@ -343,15 +357,7 @@ def test_recorder_counts_qwen_grids_per_row():
     assert [r0["llm_prompt_tokens"], r1["llm_prompt_tokens"]] == [r0["prompt_tokens"] - 12, r1["prompt_tokens"] - 4]
     grids = [tuple(int(v) for v in g) for g in inputs["image_grid_thw"]]
     for r, g in zip((r0, r1), grids, strict=True):
-        want = stats.prefill_flops(
-            model.config,
-            n_text=r["prompt_tokens"] - r["vision_tokens_in"],
-            vision_in=r["vision_tokens_in"],
-            vision_out=r["vision_tokens_at_llm"],
-            config=config,
-            grids=[g],
-        )
-        assert r["flops"] == want.to_dict()
+        assert r["flops"] == _row_flops(model, config, r, grids=[g])
         assert r["batch_rows"] == 2 and r["ttft_ms"] > 0
 
 
@@ -376,12 +382,4 @@ def test_recorder_counts_anyres_crops_per_row():
         vlmprune.unpatch(model)
     for r, n_crops, image in zip(rec.records, crops, per_image, strict=True):
         assert r["vision_tokens_at_llm"] == image["tokens_out"] < r["vision_tokens_in"] == image["tokens_in"]
-        want = stats.prefill_flops(
-            model.config,
-            n_text=r["prompt_tokens"] - r["vision_tokens_in"],
-            vision_in=r["vision_tokens_in"],
-            vision_out=r["vision_tokens_at_llm"],
-            config=config,
-            n_images=n_crops,
-        )
-        assert r["flops"] == want.to_dict()
+        assert r["flops"] == _row_flops(model, config, r, n_images=n_crops)
