@@ -10,7 +10,9 @@
 #                   torchvision is pinned to the release that matches the installed torch, and uninstalled again
 #                   when it does not import (PyPI's torchvision is a CUDA build that fails beside the CPU torch;
 #                   transformers then uses its PIL image processors). filelock<4: lmms-eval 0.7.3 imports
-#                   filelock._api, gone in filelock 4.
+#                   filelock._api, gone in filelock 4. timm (an lmms-eval requirement) imports torchvision: where
+#                   torchvision was removed, timm goes too -- a timm that cannot import breaks the `accelerate`
+#                   command (its CLI imports timm whenever it is installed), which multi-process runs use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -27,6 +29,9 @@ if [ "${LMMS:-0}" = "1" ]; then
   "${PIP[@]}" "$TORCH" "$TRANSFORMERS" "torchvision==$tv" "filelock<4" -e ".[dev,eval,examples,lmms]"
   if ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision
+    if ! "$VENV/bin/python" -c "import timm" >/dev/null 2>&1; then
+      "$VENV/bin/python" -m pip uninstall --quiet --yes timm
+    fi
   fi
 else
   "${PIP[@]}" "$TORCH" "$TRANSFORMERS" -e ".[dev,eval,examples]"

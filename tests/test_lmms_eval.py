@@ -240,8 +240,9 @@ def test_model_args_are_validated_before_loading(monkeypatch: pytest.MonkeyPatch
 
 
 def test_data_parallel_two_processes(tasks: Path, tmp_path: Path):
-    """Two processes (torch.distributed.run: what ``accelerate launch`` runs on GPUs; CPU here), one patched model
-    each: lmms-eval shards the docs between them and the gathered score is the single-process one."""
+    """``accelerate launch`` with two processes (CPU here: ``--multi_gpu`` starts torch's distributed launcher and,
+    with no GPU, the processes talk over gloo), one patched model each: lmms-eval shards the docs between them and
+    the gathered score is the single-process one."""
     out, side = tmp_path / "out", tmp_path / "stats.jsonl"
     args = f"pretrained={LLAVA},method=hiprune,keep=0.25,device_map=cpu,dtype=float32,stats_path={side}"
     import socket
@@ -249,7 +250,8 @@ def test_data_parallel_two_processes(tasks: Path, tmp_path: Path):
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    accelerate = Path(sys.executable).parent / "accelerate"  # the console script users run, not a module path
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port)]
     cmd += ["-m", "lmms_eval", "--model", "vlmprune", "--model_args", args, "--device", "cpu"]
     cmd += ["--include_path", str(tasks), "--tasks", "vlmprune_shapes", "--limit", str(N - 1)]  # odd: rank padding
     cmd += ["--output_path", str(out), "--verbosity", "DEBUG"]
