@@ -193,7 +193,7 @@ class VisionItem:
     grid: tuple[int, int, int]
     key: int
     prefix: int = 0
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-item values for the method (+ its own)
     parts: list[Part] | None = None  # see Part: sub-grids pruned separately; the other tokens are always kept
 
 
@@ -521,9 +521,9 @@ class PatchState:
             inputs = self._bind(sig, args, kwargs) if args else dict(kwargs)
             items = self.adapter.describe(kind, inputs, list(feats), self.model)
             extras = self.method.end_encode(kind, list(feats))
-            if extras is not None:
+            if extras is not None:  # the method's per-item extras join what the adapter described
                 for item, extra in zip(items, extras, strict=True):
-                    item.extras = extra
+                    item.extras = {**item.extras, **extra} if isinstance(extra, dict) else extra
             self._encoded = {k: v for k, v in self._encoded.items() if v[0]() is not None}
             for f, item in zip(feats, items, strict=True):
                 self._encoded[id(f)] = (weakref.ref(f), item)
@@ -811,7 +811,7 @@ class PatchState:
         for j, (p, kj) in enumerate(zip(seg.parts, split_budget(k, sizes), strict=True)):
             rows = p.rows.to(dev)
             pinfo: dict[str, Any] = {"part": p.name, "grid": list(p.grid), "tokens_in": sizes[j]}
-            if kj >= sizes[j] or kj == 0:
+            if kj == 0 or (kj >= sizes[j] and not self.method.select_whole_parts):
                 keep[rows] = kj > 0
                 pinfo["tokens_out"] = sizes[j] if kj else 0
                 parts_info.append(pinfo)

@@ -23,19 +23,28 @@ grid. How vlmprune treats that layout:
   CLS token is the base view's. DAMRO's contrastive branch uses the base view's outliers, as the official code.
 * **Positions.** 1-D RoPE: ``position_mode="contiguous"`` (default) or ``"original"``, as for LLaVA-1.5.
 
-``fastvlm``'s encoder strategies (``resolution``, ``encoder_pool``) are LLaVA-1.5 only; ``strategy="pool"`` works
-here (per part). LLaVA-OneVision (:mod:`vlmprune.patches.llava_onevision`) subclasses this adapter.
+* **fastvlm's encoder strategies** (``resolution``, ``encoder_pool``): every tower input (base view and crops)
+  shrinks alike, to the grid ``keep`` gives one CLIP input (``keep=0.11``: 24x24 -> 8x8, so the tower runs on
+  64 patches per crop instead of 576); the projector's output is spread back over the full grids before the
+  model packs them, and one token per reduced cell that survives the unpadding is kept, within each part's share
+  of the budget (cells the unpadding cut most go first when a share is smaller). ``keep`` must be a fraction.
+  ``strategy="pool"`` pools each part after the encoder.
+
+LLaVA-OneVision (:mod:`vlmprune.patches.llava_onevision`) subclasses this adapter; its SigLIP tower and bilinear
+grid shrinking leave it ``strategy="pool"`` only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import PatchBypassedError
+from ..errors import ConfigError, PatchBypassedError, UnsupportedInputError
+from ..methods.fastvlm import unpool_index
 from ..stats import anyres_crops
 from ._base import Part, VisionItem, _Call, content_key
 from .llava import LlavaAdapter
@@ -69,6 +78,7 @@ class _Layout:
         video_grid: tuple[int, int, int] | None = None,
     ) -> None:
         self.packer, self.n_units, self.unit_rows, self.cells = packer, n_units, unit_rows, cells
+        self._reduced: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         ones = torch.ones(n_units, unit_rows, 1, dtype=torch.float64)
         newline = packer(ones, torch.full((1,), float("nan"), dtype=torch.float64))[:, 0].isnan()
         self.newline, self.n = newline, int(newline.numel())
@@ -94,6 +104,52 @@ class _Layout:
     @property
     def grid(self) -> tuple[int, int, int]:
         return self.parts[-1].grid
+
+    def reduced(self, new: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``fastvlm``'s reduced tokens sit once packed: every tower input's ``s x s`` patch grid shrunk to
+        ``new`` and spread back over it (nearest cell, :func:`vlmprune.methods.fastvlm.unpool_index`, as the
+        encoder hooks do), then packed by the model's code (which may cut cells with the unpadding).
+
+        Returns:
+            ``rep`` ``(n,)`` bool: one token per reduced cell that survives the packing (its centre slot, or its
+            first surviving token where the unpadding cut the centre); ``cover`` ``(n,)`` float32: at each ``rep``
+            token, how many of the item's tokens carry that cell (0 elsewhere).
+
+        Raises:
+            UnsupportedInputError: the packing mixes neighbouring values (OneVision's bilinear shrinking of large
+                grids), so a reduced cell has no tokens of its own.
+        """
+        if new not in self._reduced:
+            side = math.isqrt(self.cells)
+            src, centres = unpool_index((side, side), new)
+            m = new[0] * new[1]
+            ids = (torch.arange(self.n_units)[:, None] * m + src[None, :] + 1).double()  # 0: not a patch cell
+            centre = torch.zeros(self.n_units, self.cells, dtype=torch.float64)
+            centre[:, centres] = 1.0
+            values = torch.stack([ids, centre], -1)  # (U, cells, 2)
+            if self.unit_rows > self.cells:  # the CLS row under "full": no cell
+                values = torch.cat([values.new_zeros(self.n_units, self.unit_rows - self.cells, 2), values], 1)
+            packed = self.packer(values, values.new_zeros(2))
+            if not torch.equal(packed, packed.round()):
+                raise UnsupportedInputError(
+                    "fastvlm's encoder strategies need a packing that moves tokens without mixing them; this model "
+                    "interpolates its high-resolution grid: use strategy='pool'."
+                )
+            gid, is_centre = packed[:, 0].long() - 1, packed[:, 1] > 0
+            valid = gid >= 0
+            counts = torch.bincount(gid[valid], minlength=self.n_units * m)
+            idx = torch.arange(self.n)
+            rank = torch.where(is_centre, idx - self.n, idx)  # a cell's centre first, else its first token
+            best = torch.full((self.n_units * m,), self.n, dtype=torch.long)
+            best.scatter_reduce_(0, gid[valid], rank[valid], reduce="amin")
+            present = counts > 0
+            chosen = best[present] % self.n
+            rep = torch.zeros(self.n, dtype=torch.bool)
+            rep[chosen] = True
+            cover = torch.zeros(self.n, dtype=torch.float32)
+            cover[chosen] = counts[present].float()
+            self._reduced[new] = (rep, cover)
+        return self._reduced[new]
 
     def pack(self, per_unit: list[Any]) -> Any:
         """Lay per-tower-input probe entries out like the item's tokens.
@@ -161,11 +217,12 @@ class LlavaNextAdapter(LlavaAdapter):
     hf_class = "LlavaNextForConditionalGeneration"
     positions = "`contiguous` (default) or `original`; newline tokens always kept"
     mrope = False
-    provides = frozenset({"vit_attention", "vit_cls_attention"})
+    provides = frozenset({"vit_attention", "vit_cls_attention", "encoder_resize", "encoder_pool"})
 
     def __init__(self) -> None:
         self.last_layouts: list[_Layout] = []
         self._cache: dict[tuple, _Layout] = {}
+        self._encoder_grid: tuple[int, int] | None = None  # fastvlm's reduced grid per tower input, when installed
 
     # ---- layout ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -243,7 +300,11 @@ class LlavaNextAdapter(LlavaAdapter):
                     f"{self.label} {kind} {i} has {n} tokens, but its packed layout has {lay.n}; this transformers "
                     "release packs them differently. Run vlmprune.unpatch(model)."
                 )
-            items.append(self._item(kind, lay, n, key))
+            item = self._item(kind, lay, n, key)
+            if self._encoder_grid is not None and item.parts is not None:
+                rep, cover = lay.reduced(self._encoder_grid)
+                item.extras = {"fastvlm_rep": rep, "fastvlm_cover": cover, "fastvlm_unit_grid": self._encoder_grid}
+            items.append(item)
         self.last_layouts = layouts
         return items
 
@@ -265,5 +326,24 @@ class LlavaNextAdapter(LlavaAdapter):
     def cls_probe(self, model: nn.Module, layer: int, mode: str) -> Any:
         return _PackedProbe(super().cls_probe(model, layer, mode), self)
 
-    def install_encoder_reduction(self, ctx: Any, method: Any) -> None:  # not in `provides`: never called
-        raise NotImplementedError("fastvlm's encoder strategies are LLaVA-1.5 only")
+    def install_encoder_reduction(self, ctx: Any, method: Any) -> None:
+        """``fastvlm``'s encoder side on anyres images. LLaVA-1.5's hooks
+        (:meth:`LlavaAdapter.install_encoder_reduction`) shrink *every* tower input alike (base view and crops: a
+        smaller input, or a pooled grid after one block), and the projector's output is spread back over each
+        input's full grid, so the model's own packing (crops stitched, unpadded, newlines) and the processor's
+        placeholders are unchanged. :meth:`describe` then marks one packed token per reduced cell that survives the
+        unpadding (``fastvlm_rep``), which the method keeps within each part's share of the image's budget.
+        ``keep`` must be a fraction: every crop of every image in a batch goes through the tower in one call, at
+        one resolution."""
+        cfg = method.config
+        if isinstance(cfg.keep, int) and not isinstance(cfg.keep, bool):
+            raise ConfigError(
+                f"keep={cfg.keep} is a token count per image, but fastvlm's {cfg.strategy!r} strategy shrinks every "
+                f"{self.label} crop alike (all crops of a batch go through the tower at one resolution), so the count "
+                "cannot follow each image's crop number: pass keep as a fraction (e.g. keep=0.11), or use "
+                "strategy='pool'."
+            )
+        super().install_encoder_reduction(ctx, method)
+        side = self._side(ctx.model)
+        grid = method.reduced_grid(side, side)
+        self._encoder_grid = None if grid == (side, side) else grid

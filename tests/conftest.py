@@ -110,6 +110,62 @@ def fixed_counts(model: torch.nn.Module, inputs: dict[str, Any], per_row: list[l
     return out
 
 
+def reference_layout(model: torch.nn.Module, inputs: dict[str, Any], img: int) -> tuple[torch.Tensor, int]:
+    """LLaVA-NeXT, from the model's own ``pack_image_features`` (not vlmprune's layout code): per token of image
+    ``img``, its ``crop * s*s + patch`` index (crop 0 = the base view), -1 at newlines; and the number of crops."""
+    import sys
+
+    vlm = model.model
+    mod = sys.modules[type(vlm).__module__]
+    cfg, vc = model.config, model.config.vision_config
+    size = inputs["image_sizes"][img]
+    n_crops = mod.image_size_to_num_patches(size, cfg.image_grid_pinpoints, vc.image_size)
+    cells = (vc.image_size // vc.patch_size) ** 2
+    index = torch.arange(n_crops * cells, dtype=torch.float64).view(n_crops, cells, 1)
+    packed, _ = vlm.pack_image_features([index], size[None], "default", image_newline=torch.tensor([-1.0]).double())
+    return packed[0][:, 0].long(), n_crops
+
+
+def fastvlm_anyres_kept(model: torch.nn.Module, inputs: dict[str, Any], img: int, keep: float) -> torch.Tensor:
+    """LLaVA-NeXT + ``fastvlm``'s encoder strategies, worked out from the model's packing: the item-relative tokens
+    of image ``img`` that reach the LLM. Every crop's ``s x s`` grid shrinks to the reduced grid of one CLIP input
+    (cell of patch ``(r, c)``: ``(r * h2 // s, c * w2 // s)``); per part (base view, crops), one token per reduced
+    cell that survives the unpadding (its centre ``((n-1)//2)`` of each run, else its first token); a part whose
+    share of the image's budget is smaller keeps its best-covered cells (ties: earlier); newlines always."""
+    from vlmprune.patches._base import split_budget
+
+    from vlmprune.config import resolve_budget
+    from vlmprune.methods.fastvlm import target_side
+
+    index, _ = reference_layout(model, inputs, img)
+    vc = model.config.vision_config
+    s = vc.image_size // vc.patch_size
+    h2, w2 = target_side(s, s, resolve_budget(keep, s * s))
+    crop, patch = index // (s * s), index % (s * s)
+    r, c = patch // s, patch % s
+    cell = crop * (h2 * w2) + (r * h2 // s) * w2 + (c * w2 // s)
+
+    def centre(i: torch.Tensor, n: int, n2: int) -> torch.Tensor:  # is cell i the middle of its run?
+        run = [j for j in range(n) if j * n2 // n == i * n2 // n]
+        return torch.tensor(i == run[(len(run) - 1) // 2])
+
+    is_centre = torch.stack([centre(int(a), s, h2) & centre(int(b), s, w2) for a, b in zip(r, c, strict=True)])
+    newline = index < 0
+    parts = [(~newline & (crop == 0)).nonzero().squeeze(-1), (~newline & (crop > 0)).nonzero().squeeze(-1)]
+    sizes = [int(p.numel()) for p in parts]
+    shares = split_budget(resolve_budget(keep, sum(sizes)), sizes)
+    kept = [newline.nonzero().squeeze(-1)]
+    for rows, share in zip(parts, shares, strict=True):
+        reps = []
+        for g in cell[rows].unique().tolist():
+            members = rows[cell[rows] == g]
+            mid = members[is_centre[members]]
+            reps.append((-int(members.numel()), int(mid[0] if mid.numel() else members[0])))
+        reps.sort()  # most covered first, then earlier (stable by token order among equals)
+        kept.append(torch.tensor(sorted(t for _, t in reps[:share]), dtype=torch.long))
+    return torch.cat(kept).sort().values
+
+
 class LLMProbe:
     """Records what a module actually receives (default: the language model), independent of vlmprune's own
     counters. ``at_cut=True`` probes where the pruned sequence enters on a patched model: the LLM input, or

@@ -179,7 +179,7 @@ def test_peak_rss_delta_sees_a_temporary_allocation():
 
 def test_anyres_timing_model_counts_crops_and_newlines(tmp_path):
     """LLaVA-NeXT through the harness: FLOPs count the tower on every crop (analytic == torch's counter) and the LLM
-    gets the budget plus the newline tokens."""
+    gets the budget plus the newline tokens; fastvlm's resolution runs every crop smaller."""
     out = tmp_path / "next.jsonl"
     _eval(
         "run",
@@ -187,6 +187,7 @@ def test_anyres_timing_model_counts_crops_and_newlines(tmp_path):
         "timing:llava-next-tiny",
         "--methods",
         "uniform",
+        "fastvlm:resolution",
         "--keep",
         "0.25",
         "--rounds",
@@ -211,3 +212,7 @@ def test_anyres_timing_model_counts_crops_and_newlines(tmp_path):
         pruned["flops"]["vision"] == base["flops"]["vision"]
         and pruned["flops"]["llm_prefill"] < base["flops"]["llm_prefill"]
     )
+    small = rows["fastvlm:resolution"]  # 2 x 2 per crop: the same token count as uniform here, a cheaper tower
+    assert small["vision_tokens_at_llm"] == pruned["vision_tokens_at_llm"]
+    assert small["flops_analytic_over_counter"] == pytest.approx(1.0, rel=1e-3)
+    assert small["flops"]["vision"] < 0.35 * base["flops"]["vision"] and small["vision_ms_median"] is not None

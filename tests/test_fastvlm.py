@@ -28,13 +28,14 @@ STRATEGIES = {"llava": ["resolution", "encoder_pool", "pool"], "qwen2_vl": ["res
 STRATEGIES["qwen2_5_vl"] = STRATEGIES["qwen3_vl"] = STRATEGIES["qwen2_vl"]
 
 
-def deep_llava():
-    """A tiny LLaVA whose CLIP tower has 4 blocks (LLaVA reads block 2's output), so a block can be pooled."""
+def deep_llava(family: str = "llava"):
+    """A tiny LLaVA (or LLaVA-NeXT) whose CLIP tower has 4 blocks (LLaVA reads block 2's output), so a block can be
+    pooled."""
     vision = tf.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
         patch_size=14, projection_dim=32,
     )  # fmt: skip
-    return tiny_model("llava", seed=3, vision_config=vision)
+    return tiny_model(family, seed=3, vision_config=vision)
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -273,18 +274,21 @@ def test_refusals_name_the_strategy_that_works():
 @pytest.mark.parametrize(
     "family,strategy",
     [("llava", "resolution"), ("llava", "encoder_pool"), ("llava", "pool"), ("qwen2_vl", "resolution"),
-     ("qwen2_5_vl", "resolution")],
+     ("qwen2_5_vl", "resolution"), ("llava_next", "resolution"), ("llava_next", "encoder_pool")],
 )  # fmt: skip
 def test_encoder_flops_fall_and_match_the_counter(family, strategy):
     """The analytic vision / projector / LLM FLOPs of each strategy equal FlopCounterMode's on the patched model,
-    and the encoder's own FLOPs fall for resolution and encoder_pool (not for pool)."""
+    and the encoder's own FLOPs fall for resolution and encoder_pool (not for pool). LLaVA-NeXT: every crop."""
     from vlmprune import stats
 
-    model = deep_llava() if family == "llava" else tiny_model(family, seed=1)
-    spec = [[5, "image", 3, "image", 2]] if family == "llava" else [[5, ("image", 8, 12), 3, ("image", 8, 8)]]
+    clip = family in ("llava", "llava_next")
+    model = deep_llava(family) if clip else tiny_model(family, seed=1)
+    spec = [[5, "image", 3, "image", 2]] if clip else [[5, ("image", 8, 12), 3, ("image", 8, 8)]]
+    if family == "llava_next":
+        spec = [[5, "image", 3, ("image", 112, 112), 2]]  # 48 x 80: base + 1 x 2 crops; 112 x 112: base + 2 x 2
     inputs = make_inputs(model, spec)
-    grids = None if family == "llava" else [tuple(g) for g in inputs["image_grid_thw"].tolist()]
-    n_images = 2 if family == "llava" else 0
+    grids = None if clip else [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+    n_images = {"llava": 2, "llava_next": 3 + 5}.get(family, 0)
     full = stats.count_flops(model, inputs, logits_to_keep=1)
     config = vlmprune.make_config("fastvlm", keep=0.25, strategy=strategy)
     with vlmprune.patched(model, config):

@@ -27,7 +27,7 @@ FUZZ_CASES = int(os.environ.get("VLMPRUNE_FUZZ_CASES", "200"))
 COUNTS: Counter = Counter()
 
 # what a case may legitimately be refused with (each documented where it is raised)
-REFUSALS = (vlmprune.UnsupportedModelError, vlmprune.UnsupportedInputError)
+REFUSALS = (vlmprune.UnsupportedModelError, vlmprune.UnsupportedInputError, vlmprune.ConfigError)
 
 _BF16: dict[str, torch.nn.Module] = {}
 
@@ -124,8 +124,10 @@ def _expected_refusal(case: dict[str, Any], inputs: dict[str, torch.Tensor]) -> 
     methods = {case["method"], case["prune"]} - {None}
     if case["family"] == "fast_vlm" and methods & {"hiprune", "visionzip"}:
         return "UnsupportedModelError"  # no ViT attention to read (README, patches/fast_vlm.py)
-    if (case["family"] == "fast_vlm" or case["family"] in ANYRES) and "fastvlm" in methods:
-        return "UnsupportedModelError"  # fastvlm's default strategy (resolution): LLaVA-1.5 / Qwen-VL towers only
+    if case["family"] in ("fast_vlm", "llava_onevision") and "fastvlm" in methods:
+        return "UnsupportedModelError"  # fastvlm's default strategy (resolution): CLIP / Qwen-VL towers only
+    if case["family"] == "llava_next" and "fastvlm" in methods and isinstance(case["keep"], int):
+        return "ConfigError"  # every crop shrinks alike: keep must be a fraction on anyres
     if "fastvlm" in methods and inputs.get("video_grid_thw") is not None:
         m = 2  # the tiny Qwen configs' merge size
         for t, h, w in inputs["video_grid_thw"].tolist():
@@ -182,7 +184,10 @@ def run_case(case: dict[str, Any]) -> str:
         n = im["tokens_in"] - fixed
         want = (resolve_budget(prune_cfg.keep, n) if prune_cfg is not None else n) + fixed
         exact = getattr(prune_cfg, "adaptive", False) is not True
-        if isinstance(prune_cfg, vlmprune.FastVLMConfig) and prune_cfg.strategy != "pool":
+        if isinstance(prune_cfg, vlmprune.FastVLMConfig) and prune_cfg.strategy != "pool" and "parts" in im:
+            exact = False  # anyres: at most the budget, a token per reduced cell the unpadding left (test_llava_next)
+            assert all(p["tokens_out"] <= p["reduced_cells"] for p in im["parts"]), im
+        elif isinstance(prune_cfg, vlmprune.FastVLMConfig) and prune_cfg.strategy != "pool":
             t, h, w = im["grid"]  # a whole smaller grid, the largest within the budget
             h2, w2 = target_side(h, w, max(1, want // t))
             want = t * h2 * w2

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLMProbe, get_model, inputs_for, valid_slots
+from conftest import LLMProbe, fastvlm_anyres_kept, get_model, inputs_for, reference_layout, valid_slots
 from vlmprune.patches._base import split_budget
 
 import vlmprune
 from vlmprune.config import resolve_budget
-from vlmprune.errors import UnsupportedModelError
+from vlmprune.errors import ConfigError, UnsupportedModelError
 from vlmprune.methods.hiprune import hiprune_select
 from vlmprune.testing import tiny_model
 
@@ -30,22 +30,6 @@ def test_split_budget_is_proportional_and_exact(k, sizes):
         assert all(o >= 1 for o, n in zip(out, sizes, strict=True) if n)
     if k >= 2 * len(nonempty):  # otherwise within one token of the exact share
         assert all(abs(o - k * n / total) < 1 for o, n in zip(out, sizes, strict=True))
-
-
-def _reference_layout(model, inputs, img):
-    """From the model's own ``pack_image_features``: per token of image ``img``, its (crop, patch) index, -1 at
-    newlines; and the number of crops."""
-    import sys
-
-    vlm = model.model
-    mod = sys.modules[type(vlm).__module__]
-    cfg, vc = model.config, model.config.vision_config
-    size = inputs["image_sizes"][img]
-    n_crops = mod.image_size_to_num_patches(size, cfg.image_grid_pinpoints, vc.image_size)
-    cells = (vc.image_size // vc.patch_size) ** 2
-    index = torch.arange(n_crops * cells, dtype=torch.float64).view(n_crops, cells, 1)
-    packed, _ = vlm.pack_image_features([index], size[None], "default", image_newline=torch.tensor([-1.0]).double())
-    return packed[0][:, 0].long(), n_crops
 
 
 def test_newlines_are_kept_in_place_and_order_is_preserved():
@@ -85,7 +69,7 @@ def test_budget_is_split_between_base_and_crops():
         stats = vlmprune.last_stats(model)
     assert len(stats["images"]) == 3
     for img, info in enumerate(stats["images"]):
-        src, n_crops = _reference_layout(model, inputs, img)
+        src, n_crops = reference_layout(model, inputs, img)
         n_newline = int((src < 0).sum())
         crops = int((src >= side * side).sum())
         assert n_crops > 1 and info["tokens_in"] == src.numel()
@@ -109,7 +93,7 @@ def test_hiprune_scores_are_packed_like_the_tokens():
         model(**inputs)
         stats = vlmprune.last_stats(model)
     for img, info in enumerate(stats["images"]):
-        src, n_crops = _reference_layout(model, inputs, img)
+        src, n_crops = reference_layout(model, inputs, img)
         crops = inputs["pixel_values"][img][:n_crops]
         with torch.no_grad():
             att = eager.model.vision_tower(crops, output_attentions=True).attentions[0]
@@ -139,11 +123,136 @@ def test_tower_signals_run_per_crop(method, score):
         assert len(outliers) == 3 and all(max(o["indices"]) < side2 for o in outliers)
 
 
-def test_fastvlm_encoder_strategies_are_refused_with_the_alternative():
+# ------------------------------------------------------------------------------ fastvlm's encoder strategies
+def deep_next(patch: int = 14) -> torch.nn.Module:
+    """A tiny LLaVA-NeXT whose CLIP tower has 4 blocks (LLaVA reads block 2's output), so a block can be pooled;
+    ``patch=7`` gives 8 x 8 patches per crop (reduced cells spanning 3-4 patches: a centre that is not the first)."""
+    import transformers as tf
+
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
+        patch_size=patch, projection_dim=32,
+    )  # fmt: skip
+    return tiny_model("llava_next", seed=3, vision_config=vision)
+
+
+def _by_hand(model, inputs, keep, tower) -> torch.Tensor:
+    """The LLM's tokens for image 0 of ``inputs`` under fastvlm's encoder strategies, from the model's own parts:
+    ``tower(crops, (h2, w2))`` gives every crop's hidden states at LLaVA's feature layer on the reduced grid
+    (``(crops, 1 + h2*w2, D)``); projected, spread back over the full grid by the cell rule, packed by the model's
+    ``pack_image_features`` (newlines included), and the kept tokens of :func:`conftest.fastvlm_anyres_kept`."""
+    from vlmprune.methods.fastvlm import target_side
+
+    vc = model.config.vision_config
+    s = vc.image_size // vc.patch_size
+    new = target_side(s, s, resolve_budget(keep, s * s))
+    _, n_crops = reference_layout(model, inputs, 0)
+    hidden = tower(inputs["pixel_values"][0][:n_crops], new)
+    assert hidden.shape[1] == 1 + new[0] * new[1]
+    projected = model.model.multi_modal_projector(hidden[:, 1:])  # "default": CLS dropped
+    r = torch.arange(s)
+    cell = ((r[:, None] * new[0] // s) * new[1] + r[None, :] * new[1] // s).reshape(-1)
+    packed, _ = model.model.pack_image_features(
+        [projected[:, cell]], inputs["image_sizes"][:1], "default", image_newline=model.model.image_newline
+    )
+    return packed[0][fastvlm_anyres_kept(model, inputs, 0, keep)]
+
+
+def _patched_image_tokens(model, inputs, n_before, n_after, **config) -> torch.Tensor:
+    """Image 0's tokens at the LLM input, patched; its kept tokens (as the stats name them) checked against
+    :func:`conftest.fastvlm_anyres_kept`, which also decides which token stands for a reduced cell."""
+    with vlmprune.patched(model, "fastvlm", **config), LLMProbe(model) as probe, torch.no_grad():
+        model(**inputs)
+        (image,) = vlmprune.last_stats(model)["images"]
+    index, _ = reference_layout(model, inputs, 0)
+    cells = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    part_rows = [((index >= 0) & (index < cells)).nonzero().squeeze(-1), (index >= cells).nonzero().squeeze(-1)]
+    kept = [(index < 0).nonzero().squeeze(-1)]
+    kept += [rows[torch.tensor(p["kept_indices"])] for rows, p in zip(part_rows, image["parts"], strict=True)]
+    assert torch.equal(torch.cat(kept).sort().values, fastvlm_anyres_kept(model, inputs, 0, config["keep"]))
+    emb = probe.calls[0]["inputs_embeds"][0]
+    return emb[n_before : emb.shape[0] - n_after]
+
+
+@pytest.mark.parametrize("size", [(112, 112), (30, 100), (48, 80)])
+@pytest.mark.parametrize(("keep", "patch"), [(0.25, 14), (0.5, 14), (0.11, 7), (0.3, 7)])
+def test_fastvlm_resolution_runs_every_crop_smaller(size, keep, patch):
+    """Every tower input (base view and crops) resized to the reduced grid, CLIP's positions interpolated; the
+    unpadded layout keeps one token per surviving reduced cell, within each part's share of the budget."""
+    model = get_model("llava_next") if patch == 14 else deep_next(patch)
+    inputs = inputs_for(model, [[3, ("image", *size), 2]])
+    got = _patched_image_tokens(model, inputs, 3, 2, keep=keep, strategy="resolution")
+    p = model.config.vision_config.patch_size
+
+    def tower(crops, new):
+        small = torch.nn.functional.interpolate(
+            crops.float(), size=(new[0] * p, new[1] * p), mode="bilinear", align_corners=False, antialias=True
+        )
+        out = model.model.vision_tower(small, output_hidden_states=True, interpolate_pos_encoding=True)
+        return out.hidden_states[model.config.vision_feature_layer]
+
+    with torch.no_grad():
+        want = _by_hand(model, inputs, keep, tower)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("size", [(112, 112), (30, 100)])
+def test_fastvlm_encoder_pool_pools_every_crop(layer, size):
+    """Pooled after block ``layer`` by hand (explicit 2x2 means, CLS kept) on every crop: the later blocks run on
+    4 patches per crop, and the LLM gets those tokens, spread, packed and kept as for ``resolution``."""
+    model = deep_next()
+    inputs = inputs_for(model, [[3, ("image", *size), 2]])
+    got = _patched_image_tokens(model, inputs, 3, 2, keep=0.25, strategy="encoder_pool", layer=layer)
+
+    def by_hand(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        cells = []
+        for i in range(2):
+            for j in range(2):
+                idx = [1 + (2 * i + di) * 4 + (2 * j + dj) for di in range(2) for dj in range(2)]
+                cells.append(hidden[:, idx].mean(1))
+        pooled = torch.cat([hidden[:, :1], torch.stack(cells, 1)], 1)
+        return (pooled, *output[1:]) if isinstance(output, tuple) else pooled
+
+    def tower(crops, new):
+        assert new == (2, 2)
+        vt = model.model.vision_tower
+        handle = getattr(vt, "vision_model", vt).encoder.layers[layer].register_forward_hook(by_hand)
+        try:
+            return vt(crops, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        want = _by_hand(model, inputs, 0.25, tower)
+    torch.testing.assert_close(got, want)
+
+
+def test_fastvlm_encoder_budget_and_refusals():
+    """keep=1.0 changes nothing; an int keep is refused with the remedy (every crop shrinks alike); the per-image
+    stats say how many reduced cells survived; OneVision (SigLIP, interpolated grids) stays pool-only."""
     model = get_model("llava_next")
-    with pytest.raises(UnsupportedModelError, match="pool"):
-        vlmprune.patch(model, method="fastvlm", keep=0.25, strategy="resolution")
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vlmprune.patched(model, "fastvlm", keep=1.0, strategy="resolution"):
+            assert torch.equal(model(**inputs).logits, ref)
+    with pytest.raises(ConfigError, match="fraction"):
+        vlmprune.patch(model, method="fastvlm", keep=64, strategy="resolution")
     assert not vlmprune.is_patched(model)
+    with vlmprune.patched(model, "fastvlm", keep=0.25), torch.no_grad():
+        model(**inputs)
+        stats = vlmprune.last_stats(model)
+    for im in stats["images"]:
+        n = im["tokens_in"] - im["always_kept"]
+        assert im["always_kept"] < im["tokens_out"] <= resolve_budget(0.25, n) + im["always_kept"]
+        for part in im["parts"]:
+            assert part["reduced_grid"] == [1, 2, 2] and part["tokens_out"] <= part["reduced_cells"]
+    onevision = get_model("llava_onevision")
+    with pytest.raises(UnsupportedModelError, match="pool"):
+        vlmprune.patch(onevision, method="fastvlm", keep=0.25, strategy="resolution")
     with vlmprune.patched(model, method="fastvlm", keep=0.25, strategy="pool"), torch.no_grad():
-        model(**inputs_for(model))
+        model(**inputs)
         assert vlmprune.last_stats(model)["vision_tokens_out"] < vlmprune.last_stats(model)["vision_tokens_in"]

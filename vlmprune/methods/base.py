@@ -41,7 +41,8 @@ class ImageTokens:
         features: ``(N, D)`` the projected features, exactly the rows of ``inputs_embeds`` the LLM would get.
         grid: ``(t, h, w)`` token grid with ``t * h * w == N`` in raster order (t = 1 for images). For LLaVA
             ``(1, 24, 24)``; for Qwen-VL the grid after the 2x2 patch merger.
-        budget: number of tokens to keep, ``1 <= budget < N`` (the core never calls a method when all are kept).
+        budget: number of tokens to keep, ``1 <= budget < N`` (the core never calls a method when all are kept,
+            except on a part of an item for a method with ``select_whole_parts``, where ``budget == N`` can occur).
         key: an integer derived from the image's pixels (not from its batch row); seed randomness with it so a
             batch gives the same choices as single samples and beams agree.
         kind: ``"image"`` or ``"video"``.
@@ -122,6 +123,9 @@ class Method:
         self.config = config
         #: False when the method may return fewer tokens than the budget (an adaptive codebook size)
         self.exact_budget = True
+        #: True when a part of an item (LLaVA-NeXT's base view / crops) must be selected even when its share of
+        #: the budget covers all its tokens (fastvlm's encoder strategies: the part's tokens repeat reduced cells)
+        self.select_whole_parts = False
 
     def plan_prefill(self, plan: list[tuple[Any, int]], real: torch.Tensor, stats: list[dict[str, Any]]) -> None:
         """In-LLM methods only: ``plan`` = ``(segment, budget)`` per image (``segment.row``; ``segment.prunable``

@@ -12,17 +12,22 @@ training-free analogue for existing LLaVA / Qwen-VL checkpoints, with three stra
   positions of the smaller grid and continues the text after it (positions recomputed, not borrowed; video
   frames keep their cells' original positions). LLaVA (CLIP, fixed 336 px): the image is resized and CLIP's position
   embeddings are interpolated (``interpolate_pos_encoding``) — off the training distribution, as methods.md warns.
+  LLaVA-NeXT (anyres): every tower input (base view and each crop) is resized alike, so the tower runs on about
+  ``keep`` of its patches per crop (see ``patches/llava_next.py`` for how the packed, unpadded layout is kept).
 * ``encoder_pool`` — FastViTHD's idea inside a plain ViT: after block ``layer`` the patch-token grid is average-
   pooled to the target grid (``k x k`` when it divides: 24 -> 12 is 2x2; CLS kept) and the remaining blocks run
-  on the fewer tokens. LLaVA (CLIP) only: Qwen's ViT carries per-patch rotary positions and attention windows
-  through every block (use ``resolution`` there). The default ``layer`` is the middle block of the tower (FastViTHD
-  downsamples between stages; an earlier cut saves more and costs more accuracy).
+  on the fewer tokens. LLaVA-1.5 / LLaVA-NeXT (CLIP; NeXT: every crop) only: Qwen's ViT carries per-patch rotary
+  positions and attention windows through every block (use ``resolution`` there). The default ``layer`` is half
+  way to the block LLaVA reads (FastViTHD downsamples between stages; an earlier cut saves more and costs more
+  accuracy).
 * ``pool`` — average pooling after the encoder (the ``pool`` baseline's :func:`pool_tokens`): the encoder pays in
   full, only the LLM saves. The reference point the other two must beat in TTFT at equal tokens.
 
 Budget: the token grid shrinks by ``sqrt(budget / tokens)`` per side, rounded, never above the budget
 (``keep=0.25`` of 24x24 -> 12x12 = 144; ``keep=0.11`` -> 8x8 = 64; an int ``keep`` is a token count per image), so
 the count is the largest such grid within the budget, not always the exact budget (``last_stats`` reports it).
+LLaVA-NeXT: each crop gets the grid of one CLIP input under ``keep`` (a fraction there), and each part of the
+image (base view, crops) keeps one token per reduced cell, at most its share of the image's budget.
 The reduced tokens enter the LLM at the slots of their cells' centres (1-D RoPE models renumber them
 contiguously anyway).
 
@@ -164,7 +169,7 @@ class FastVLMConfig(PruneConfig):
 
     Attributes:
         strategy: ``"resolution"`` (smaller input, native encoder), ``"encoder_pool"`` (pool inside the ViT after
-            block ``layer``, LLaVA only) or ``"pool"`` (after the encoder).
+            block ``layer``, LLaVA-1.5 / NeXT only) or ``"pool"`` (after the encoder).
         layer: ``encoder_pool`` only: the 0-based ViT block after which the grid is pooled (must come before the
             block whose output the LLM reads); ``None`` = the middle of the tower.
     """
@@ -196,6 +201,7 @@ class FastVLMMethod(Method):
     def __init__(self, config: FastVLMConfig) -> None:
         super().__init__(config)
         self.exact_budget = False  # the nearest grid to the budget (see the module docstring)
+        self.select_whole_parts = config.strategy != "pool"  # anyres parts repeat the reduced cells (LLaVA-NeXT)
         self.requires = {
             "resolution": frozenset({"encoder_resize"}),
             "encoder_pool": frozenset({"encoder_pool"}),
@@ -203,10 +209,10 @@ class FastVLMMethod(Method):
         }[config.strategy]
         self.reduced_now = False
         self.unsupported_hint = {
-            "resolution": "strategy='resolution' resizes the input of LLaVA-1.5's CLIP tower or of a Qwen-VL ViT; on "
-            "this model use strategy='pool'.",
-            "encoder_pool": "strategy='encoder_pool' pools inside LLaVA-1.5's CLIP tower only; on Qwen-VL use "
-            "strategy='resolution' (the ViT runs natively on a smaller grid), elsewhere 'pool'.",
+            "resolution": "strategy='resolution' resizes the input of LLaVA-1.5's / LLaVA-NeXT's CLIP tower or of a "
+            "Qwen-VL ViT; on this model use strategy='pool'.",
+            "encoder_pool": "strategy='encoder_pool' pools inside LLaVA-1.5's / LLaVA-NeXT's CLIP tower only; on "
+            "Qwen-VL use strategy='resolution' (the ViT runs natively on a smaller grid), elsewhere 'pool'.",
             "pool": "",
         }[config.strategy]
 
@@ -249,6 +255,15 @@ class FastVLMMethod(Method):
                 f"{item.kind} features did not come through the patched encoder (features encoded before patching, "
                 "e.g. passed as mm_encoder_outputs): encode them with the patched model, or use strategy='pool'."
             )
+        rep = item.extras.get("fastvlm_rep")
+        if rep is not None:  # anyres (LLaVA-NeXT): the adapter marks the packed token of every reduced cell
+            idx = rep.nonzero().squeeze(-1)
+            if idx.numel() > item.budget:  # this part's share is smaller: the cells unpadding cut most go first
+                cover = item.extras["fastvlm_cover"][idx]
+                idx = idx[torch.argsort(cover, descending=True, stable=True)[: item.budget]].sort().values
+            unit = [1, *item.extras["fastvlm_unit_grid"]]
+            info = {"reduced_grid": unit, "reduced_cells": int(rep.sum())}
+            return Selection(idx.to(item.features.device), None, info)
         h2, w2 = self.reduced_grid(h, w, t)
         _, reps = unpool_index((h, w), (h2, w2))
         reps = (torch.arange(t)[:, None] * (h * w) + reps[None, :]).reshape(-1).to(item.features.device)
