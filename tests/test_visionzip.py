@@ -108,3 +108,20 @@ def test_qwen_tokens_stay_on_their_positions(family):
         assert torch.equal(
             probe.calls[0]["position_ids"][:, 0, first + slot], ref_probe.calls[0]["position_ids"][:, 0, first + idx]
         )
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_visionzip_reads_one_layer_and_keeps_sdpa(family):
+    """Only the one ViT block VisionZip reads (its attention / q-k projections) gets hooks besides the patch's own
+    entry points; every module keeps SDPA."""
+    model = get_model(family)
+    before = {n for n, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks}
+    with vlmprune.patched(model, method="visionzip", keep=0.25):
+        hooked = {n for n, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks} - before
+        impls = {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")}
+    vision = {n for n in hooked if ".vision_tower." in n or ".visual." in n}
+    blocks = {
+        n.split(".layers.")[-1].split(".blocks.")[-1].split(".")[0] for n in vision if "layers." in n or "blocks." in n
+    }
+    assert len(blocks) == 1, sorted(vision)
+    assert impls == {"sdpa"}

@@ -8,7 +8,7 @@ from conftest import LLMProbe, get_model, inputs_for
 
 import vlmprune
 from vlmprune.methods.base import ImageTokens
-from vlmprune.methods.vqtoken import VQTokenConfig, choose_k, spherical_kmeans
+from vlmprune.methods.vqtoken import VQTokenConfig, choose_k, kmeans, spherical_kmeans
 
 
 def test_kmeans_partition_and_determinism():
@@ -20,6 +20,31 @@ def test_kmeans_partition_and_determinism():
         again = spherical_kmeans(x, k, iters=10, seed=3)[0]
         assert torch.equal(labels, again)
     assert spherical_kmeans(x, 200, iters=5, seed=3)[2] < 1e-4  # one token per code: no distortion
+
+
+def test_euclidean_kmeans_separates_norms_that_cosine_merges():
+    """Two nearby directions (~30 degrees apart), each at norms 1 and 10: cosine k-means (k=2) groups by direction,
+    euclidean by norm; euclidean centres are the members' means and its distortion is the sum of squared distances
+    to them."""
+    gen = torch.Generator().manual_seed(7)
+    a = torch.nn.functional.normalize(torch.randn(16, generator=gen), dim=0)
+    b = torch.nn.functional.normalize(
+        a + 0.5 * torch.nn.functional.normalize(torch.randn(16, generator=gen), dim=0), dim=0
+    )
+    dirs = torch.stack([a, b])
+    x = torch.cat([dirs[0] * 1, dirs[1] * 1, dirs[0] * 10, dirs[1] * 10]).view(4, 16).repeat_interleave(10, 0)
+    x = x + 0.01 * torch.randn(40, 16, generator=gen)
+    cos_labels = spherical_kmeans(x, 2, iters=10, seed=0)[0]
+    by_dir = torch.tensor([0, 1, 0, 1]).repeat_interleave(10)
+    assert torch.equal(cos_labels == cos_labels[0], by_dir == 0)
+    labels, centres, dist = kmeans(x, 2, iters=10, seed=0, distance="euclidean")
+    by_norm = torch.tensor([0, 0, 1, 1]).repeat_interleave(10)
+    assert torch.equal(labels == labels[0], by_norm == 0)
+    for j in range(2):
+        torch.testing.assert_close(centres[j], x[labels == j].mean(0))
+    assert dist == pytest.approx(float(((x - centres[labels]) ** 2).sum()), rel=1e-5)
+    assert torch.equal(labels, kmeans(x, 2, iters=10, seed=0, distance="euclidean")[0])  # deterministic
+    assert kmeans(x, 40, iters=3, seed=1, distance="euclidean")[2] < 1e-8  # one token per code
 
 
 def test_distortion_falls_with_k_and_elbow_returns_a_grid_k():
@@ -46,9 +71,22 @@ def test_repeated_frames_collapse_to_one_code_per_position():
 
 
 @pytest.mark.parametrize("code", ["mean", "medoid"])
-def test_code_tokens(code):
+def test_one_code_per_token_gives_the_tokens_back(code):
+    """K = N through ``select`` itself (the patch never calls a method that keeps everything, so the conformance
+    keep=1.0 test does not run the clustering): every token is its own code, in place, unchanged."""
+    x = torch.randn(48, 8, generator=torch.Generator().manual_seed(6))
+    sel = VQTokenConfig(keep=48, code=code).build().select(ImageTokens(x, (1, 6, 8), 48, key=2))
+    assert torch.equal(sel.indices, torch.arange(48))
+    assert torch.equal(torch.tensor(sel.info["code_map"]), torch.arange(48))
+    torch.testing.assert_close(sel.tokens, x, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("code", ["mean", "medoid"])
+def test_code_tokens(code, distance):
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(4)) * 3
-    sel = VQTokenConfig(keep=10, code=code).build().select(ImageTokens(x, (1, 8, 8), 10, key=1))
+    cfg = VQTokenConfig(keep=10, code=code, distance=distance)
+    sel = cfg.build().select(ImageTokens(x, (1, 8, 8), 10, key=1))
     labels = torch.tensor(sel.info["code_map"])
     assert (sel.indices[1:] > sel.indices[:-1]).all() and torch.equal(labels[sel.indices], torch.arange(10))
     for j in range(10):
@@ -69,7 +107,8 @@ def test_adaptive_size_may_be_smaller_than_the_budget():
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(code="centroid"), dict(iters=-1), dict(k_min=0), dict(adaptive=1), dict(tol=1.5)]
+    "bad",
+    [dict(code="centroid"), dict(iters=-1), dict(k_min=0), dict(adaptive=1), dict(tol=1.5), dict(distance="l1")],
 )
 def test_config_validation(bad):
     with pytest.raises(vlmprune.ConfigError):
