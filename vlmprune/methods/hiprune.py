@@ -55,7 +55,8 @@ def buffer_cross(anchors: torch.Tensor, grid: tuple[int, int, int], mode: str = 
         anchors: ``(n_a,)`` int64 flat indices into a ``(t, h, w)`` raster grid.
         grid: ``(t, h, w)``.
         mode: ``"flat"`` = the official flat arithmetic (``+-1`` wraps across rows, ``+-w`` clamped to
-            ``[0, N-1]``); ``"grid"`` = the 2-D cross, neighbours outside the frame dropped.
+            ``[0, N-1]``; on a video, ``+-1`` / ``+-w`` also cross from a frame's edge into the next or previous
+            frame); ``"grid"`` = the 2-D cross within the anchor's frame, neighbours outside it dropped.
 
     Returns:
         ``(m,)`` int64 sorted unique indices, ``m <= 5 * n_a``.
