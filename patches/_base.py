@@ -329,6 +329,10 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def check_config(self, model: nn.Module, config: PruneConfig) -> None:
+        """Refuse, with a :class:`ConfigError`, a config this model cannot run (``config``: the one that decides
+        budgets, i.e. DAMRO's pruning config). Called before the model is touched; default: accept."""
+
     def gather_extra(self, kwargs: dict[str, Any], idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
         """Prune the LLM's other per-token inputs like the sequence (``idx`` ``(B, L')`` gathers original positions,
         ``slot_valid`` marks real slots), in place in ``kwargs``. Families whose LLM takes some (Qwen3-VL's
@@ -368,6 +372,7 @@ class PatchState:
                     "Use a method that needs no vision-tower signal on this model (e.g. uniform, pool, random).",
                 )
             )
+        adapter.check_config(model, self.prune_config)
         mode = self.prune_config.position_mode
         if adapter.mrope:
             if mode == "contiguous":

@@ -10,7 +10,7 @@ grid. How vlmprune treats that layout:
   high-resolution crops (grid ``(1, H', W')``, after unpadding). The budget is the image's: ``keep`` applies to
   all its grid tokens (base + crops, newlines excluded) and is split between the two parts in proportion to their
   token counts (largest remainder, each part keeps at least one token), e.g. 0.11 of 576 + 2304 grid tokens keeps
-  64 + 254. This is HiPrune's and VisionZip's per-image retention "split over the crops", except that here the
+  63 + 254. This is HiPrune's and VisionZip's per-image retention "split over the crops", except that here the
   crops are one unpadded grid, as the model sees them (the official codes prune each tile without unpadding and
   drop the newlines, which changes the sequence vanilla LLaVA-NeXT was trained on).
 * **Newlines.** The ``image_newline`` tokens are always kept, where the model expects them (one per row of the
@@ -27,7 +27,9 @@ grid. How vlmprune treats that layout:
   shrinks alike, to the grid ``keep`` gives one CLIP input (``keep=0.11``: 24x24 -> 8x8, so the tower runs on
   64 patches per crop instead of 576); the projector's output is spread back over the full grids before the
   model packs them, and one token per reduced cell that survives the unpadding is kept, within each part's share
-  of the budget (cells the unpadding cut most go first when a share is smaller). ``keep`` must be a fraction.
+  of the budget (cells the unpadding cut most go first when a share is smaller; with equal cover, the last in
+  raster order: at 0.11 of a 672 x 672 image 3 of the 320 reduced cells, the bottom-right ones of the base view and
+  of the crop grid). ``keep`` must be a fraction.
   ``strategy="pool"`` pools each part after the encoder.
 
 LLaVA-OneVision (:mod:`vlmprune.patches.llava_onevision`) subclasses this adapter; its SigLIP tower and bilinear
@@ -326,6 +328,18 @@ class LlavaNextAdapter(LlavaAdapter):
     def cls_probe(self, model: nn.Module, layer: int, mode: str) -> Any:
         return _PackedProbe(super().cls_probe(model, layer, mode), self)
 
+    def check_config(self, model: nn.Module, config: Any) -> None:
+        """fastvlm's encoder strategies need a fractional ``keep`` here (see :meth:`install_encoder_reduction`)."""
+        if getattr(config, "name", None) != "fastvlm" or config.strategy == "pool":
+            return
+        if isinstance(config.keep, int) and not isinstance(config.keep, bool):
+            raise ConfigError(
+                f"keep={config.keep} is a token count per image, but fastvlm's {config.strategy!r} strategy shrinks "
+                f"every {self.label} crop alike (all crops of a batch go through the tower at one resolution), so the "
+                "count cannot follow each image's crop number: pass keep as a fraction (e.g. keep=0.11), or use "
+                "strategy='pool'."
+            )
+
     def install_encoder_reduction(self, ctx: Any, method: Any) -> None:
         """``fastvlm``'s encoder side on anyres images. LLaVA-1.5's hooks
         (:meth:`LlavaAdapter.install_encoder_reduction`) shrink *every* tower input alike (base view and crops: a
@@ -335,14 +349,6 @@ class LlavaNextAdapter(LlavaAdapter):
         unpadding (``fastvlm_rep``), which the method keeps within each part's share of the image's budget.
         ``keep`` must be a fraction: every crop of every image in a batch goes through the tower in one call, at
         one resolution."""
-        cfg = method.config
-        if isinstance(cfg.keep, int) and not isinstance(cfg.keep, bool):
-            raise ConfigError(
-                f"keep={cfg.keep} is a token count per image, but fastvlm's {cfg.strategy!r} strategy shrinks every "
-                f"{self.label} crop alike (all crops of a batch go through the tower at one resolution), so the count "
-                "cannot follow each image's crop number: pass keep as a fraction (e.g. keep=0.11), or use "
-                "strategy='pool'."
-            )
         super().install_encoder_reduction(ctx, method)
         side = self._side(ctx.model)
         grid = method.reduced_grid(side, side)

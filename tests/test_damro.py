@@ -93,6 +93,12 @@ def test_config_validation_and_roundtrip():
         vlmprune.make_config("damro", prune="hiprun", keep=0.25)
     with pytest.raises(ConfigError, match="conflicts"):
         DamroConfig(keep=0.5, prune=vlmprune.make_config("uniform", keep=0.25))
+    # fastvlm's encoder strategies shrink the tower DAMRO reads its outliers from; its post-encoder pool does not
+    with pytest.raises(ConfigError, match="full tower"):
+        vlmprune.make_config("damro", prune="fastvlm", keep=0.25)
+    with pytest.raises(ConfigError, match="strategy='pool'"):
+        DamroConfig(prune=vlmprune.make_config("fastvlm", keep=0.25, strategy="encoder_pool"))
+    assert DamroConfig(prune=vlmprune.make_config("fastvlm", keep=0.25, strategy="pool")).keep == 0.25
     cfg = DamroConfig(prune=vlmprune.make_config("hiprune", keep=0.11), alpha=1.0)
     assert cfg.keep == 0.11
     d = cfg.to_dict()

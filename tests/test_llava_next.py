@@ -242,6 +242,10 @@ def test_fastvlm_encoder_budget_and_refusals():
     with pytest.raises(ConfigError, match="fraction"):
         vlmprune.patch(model, method="fastvlm", keep=64, strategy="resolution")
     assert not vlmprune.is_patched(model)
+    with vlmprune.patched(model, "uniform", keep=0.25):  # refused before the current patch is replaced
+        with pytest.raises(ConfigError, match="fraction"):
+            vlmprune.patch(model, method="fastvlm", keep=64, strategy="encoder_pool", replace=True)
+        assert vlmprune.get_config(model).name == "uniform"
     with vlmprune.patched(model, "fastvlm", keep=0.25), torch.no_grad():
         model(**inputs)
         stats = vlmprune.last_stats(model)

@@ -210,6 +210,13 @@ class DamroConfig(PruneConfig):
             else:
                 self.keep = 1.0
         super().validate()
+        pc = self.prune_config()
+        if pc is not None and pc.name == "fastvlm" and getattr(pc, "strategy", "pool") != "pool":
+            raise ConfigError(
+                f"prune=fastvlm with strategy={pc.strategy!r} shrinks the vision tower's own grid, but DAMRO reads "
+                "its outliers from the full tower (CLS attention / received attention / norms per patch): use "
+                "prune=vlmprune.FastVLMConfig(strategy='pool', ...) or another pruning method."
+            )
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ConfigError(f"top_k={k!r} is not valid: an int >= 1 (outlier tokens per image; official 10).")
@@ -279,6 +286,7 @@ class DamroMethod(Method):
             self.requires = self.inner.requires
             self.prunes_at_entry = self.inner.prunes_at_entry
             self.exact_budget = self.inner.exact_budget
+            self.select_whole_parts = self.inner.select_whole_parts
         self.branch: Any = None
 
     def attach(self, ctx: Any) -> None:

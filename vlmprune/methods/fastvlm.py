@@ -171,7 +171,7 @@ class FastVLMConfig(PruneConfig):
         strategy: ``"resolution"`` (smaller input, native encoder), ``"encoder_pool"`` (pool inside the ViT after
             block ``layer``, LLaVA-1.5 / NeXT only) or ``"pool"`` (after the encoder).
         layer: ``encoder_pool`` only: the 0-based ViT block after which the grid is pooled (must come before the
-            block whose output the LLM reads); ``None`` = the middle of the tower.
+            block whose output the LLM reads); ``None`` = half way to that block (11 on CLIP-L, read at 22).
     """
 
     name = "fastvlm"
