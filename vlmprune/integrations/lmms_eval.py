@@ -39,11 +39,11 @@ inside ``generate`` (which lmms-eval's wrappers would log and score as an empty 
 Generation tasks only: likelihood tasks (``output_type: loglikelihood``, which pass labels) are refused on a
 pruned model (a pruned model's logits are in pruned coordinates); run them without ``method=``.
 
-Data parallel: ``accelerate launch --num_processes N -m lmms_eval --model vlmprune ...`` on GPUs — each process
-loads and patches its own model (the patch is per instance) and lmms-eval shards the documents and gathers the
-scores. On CPUs ``accelerate launch`` has no multi-process mode without MPI (and with lmms-eval installed its CLI
-imports timm, which needs torchvision); ``python -m torch.distributed.run --nproc_per_node N -m lmms_eval ...``
-(what ``accelerate launch`` runs on GPUs) with ``device_map=cpu`` and ``--device cpu`` does the same.
+Data parallel: ``accelerate launch --num_processes N -m lmms_eval --model vlmprune ...`` — each process loads and
+patches its own model (the patch is per instance) and lmms-eval shards the documents and gathers the scores. On a
+CPU-only box add ``--multi_gpu`` (it only selects torch's distributed launcher; the processes talk over gloo) and
+pass ``device_map=cpu`` and ``--device cpu``. The ``accelerate`` command imports timm whenever it is installed:
+where torchvision was removed (CPU set-up), remove timm too (``scripts/setup.sh`` does).
 """
 
 from __future__ import annotations
