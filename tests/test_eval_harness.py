@@ -38,6 +38,19 @@ def test_bad_configs_fail_before_loading(tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("model_type", ["llava_onevision", "fast_vlm"])
+def test_families_without_a_flop_formula_fail_before_loading(tmp_path, model_type):
+    """Supported by the patch, but every harness row reports analytic FLOPs: refused at validation with the remedy
+    (before, the run crashed after loading the model)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    out = tmp_path / "r.jsonl"
+    proc = _eval("run", "--models", str(folder), "--benchmark", "none", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "no FLOP formula" in proc.stderr and "lmms-eval" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def test_config_file_unknown_key(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"models": ["timing:llava-tiny"], "out": str(tmp_path / "r.jsonl"), "kepp": [0.5]}))
