@@ -110,6 +110,31 @@ def fixed_counts(model: torch.nn.Module, inputs: dict[str, Any], per_row: list[l
     return out
 
 
+def deep_clip_model(family: str = "llava", patch: int = 14, **over: Any) -> torch.nn.Module:
+    """A tiny LLaVA (or LLaVA-NeXT) whose CLIP tower has 4 blocks (LLaVA reads block 2's output), so a block can be
+    pooled; ``patch=7`` gives 8 x 8 patches per 56 px input instead of 4 x 4; ``over``: more top-level config."""
+    import transformers as tf
+
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
+        patch_size=patch, projection_dim=32,
+    )  # fmt: skip
+    return tiny_model(family, seed=3, vision_config=vision, **over)
+
+
+def pool_4x4_by_hand(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook for a CLIP block: its ``(B, 1 + 4*4, D)`` output pooled to ``(B, 1 + 2*2, D)`` by explicit
+    2 x 2 means in raster order, CLS kept (a reference for fastvlm's ``encoder_pool``)."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    cells = []
+    for i in range(2):
+        for j in range(2):
+            idx = [1 + (2 * i + di) * 4 + (2 * j + dj) for di in range(2) for dj in range(2)]
+            cells.append(hidden[:, idx].mean(1))
+    pooled = torch.cat([hidden[:, :1], torch.stack(cells, 1)], 1)
+    return (pooled, *output[1:]) if isinstance(output, tuple) else pooled
+
+
 def reference_layout(model: torch.nn.Module, inputs: dict[str, Any], img: int) -> tuple[torch.Tensor, int]:
     """LLaVA-NeXT, from the model's own ``pack_image_features`` (not vlmprune's layout code): per token of image
     ``img``, its ``crop * s*s + patch`` index (crop 0 = the base view), -1 at newlines; and the number of crops."""

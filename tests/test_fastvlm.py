@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-import transformers as tf
-from conftest import LLMProbe, valid_slots
+from conftest import LLMProbe, deep_clip_model, pool_4x4_by_hand, valid_slots
 
 import vlmprune
 from vlmprune.errors import ConfigError, UnsupportedModelError
@@ -26,16 +25,6 @@ from vlmprune.testing import make_inputs, tiny_model
 
 STRATEGIES = {"llava": ["resolution", "encoder_pool", "pool"], "qwen2_vl": ["resolution", "pool"]}
 STRATEGIES["qwen2_5_vl"] = STRATEGIES["qwen3_vl"] = STRATEGIES["qwen2_vl"]
-
-
-def deep_llava(family: str = "llava"):
-    """A tiny LLaVA (or LLaVA-NeXT) whose CLIP tower has 4 blocks (LLaVA reads block 2's output), so a block can be
-    pooled."""
-    vision = tf.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
-        patch_size=14, projection_dim=32,
-    )  # fmt: skip
-    return tiny_model(family, seed=3, vision_config=vision)
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -113,7 +102,7 @@ def _families():
 
 @pytest.mark.parametrize("family,strategy", _families())
 def test_keep_one_is_unpatched_and_budgets_hold(family, strategy):
-    model = deep_llava() if family == "llava" else tiny_model(family, seed=1)
+    model = deep_clip_model() if family == "llava" else tiny_model(family, seed=1)
     spec = [[5, "image", 3], [2, "image", 4, "image", 1]]
     if family != "llava":
         spec = [[5, ("image", 8, 12), 3], [2, ("image", 8, 8), 4, ("image", 4, 8), 1]]
@@ -135,7 +124,7 @@ def test_keep_one_is_unpatched_and_budgets_hold(family, strategy):
 
 
 def test_llava_resolution_runs_the_tower_on_the_resized_image():
-    model = deep_llava()
+    model = deep_clip_model()
     inputs = make_inputs(model, [[3, "image", 2]])
     with vlmprune.patched(model, "fastvlm", keep=0.25, strategy="resolution"), LLMProbe(model) as probe:
         with torch.no_grad():
@@ -153,25 +142,15 @@ def test_llava_resolution_runs_the_tower_on_the_resized_image():
 def test_encoder_pool_equals_a_hand_pooled_tower(layer):
     """Pooled after block ``layer`` by hand (explicit 2x2 means in a hook on the unpatched tower), the later blocks
     on 4 tokens: the LLM gets exactly those tokens, projected."""
-    model = deep_llava()
+    model = deep_clip_model()
     inputs = make_inputs(model, [[3, "image", 2]])
     with vlmprune.patched(model, "fastvlm", keep=0.25, strategy="encoder_pool", layer=layer), LLMProbe(model) as pr:
         with torch.no_grad():
             model(**inputs)
     got = pr.calls[0]["inputs_embeds"][0, 3:7]
 
-    def by_hand(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        cells = []
-        for i in range(2):
-            for j in range(2):
-                idx = [1 + (2 * i + di) * 4 + (2 * j + dj) for di in range(2) for dj in range(2)]
-                cells.append(hidden[:, idx].mean(1))
-        pooled = torch.cat([hidden[:, :1], torch.stack(cells, 1)], 1)
-        return (pooled, *output[1:]) if isinstance(output, tuple) else pooled
-
     tower = model.model.vision_tower
-    handle = getattr(tower, "vision_model", tower).encoder.layers[layer].register_forward_hook(by_hand)
+    handle = getattr(tower, "vision_model", tower).encoder.layers[layer].register_forward_hook(pool_4x4_by_hand)
     try:
         with torch.no_grad():
             out = tower(inputs["pixel_values"], output_hidden_states=True)
@@ -183,7 +162,7 @@ def test_encoder_pool_equals_a_hand_pooled_tower(layer):
 
 
 def test_encoder_pool_layer_must_precede_the_feature_layer():
-    model = deep_llava()
+    model = deep_clip_model()
     with pytest.raises(ConfigError, match="before block 2"):
         vlmprune.patch(model, "fastvlm", keep=0.25, strategy="encoder_pool", layer=2)
     assert not vlmprune.is_patched(model)
@@ -282,7 +261,7 @@ def test_encoder_flops_fall_and_match_the_counter(family, strategy):
     from vlmprune import stats
 
     clip = family in ("llava", "llava_next")
-    model = deep_llava(family) if clip else tiny_model(family, seed=1)
+    model = deep_clip_model(family) if clip else tiny_model(family, seed=1)
     spec = [[5, "image", 3, "image", 2]] if clip else [[5, ("image", 8, 12), 3, ("image", 8, 8)]]
     if family == "llava_next":
         spec = [[5, "image", 3, ("image", 112, 112), 2]]  # 48 x 80: base + 1 x 2 crops; 112 x 112: base + 2 x 2
@@ -313,11 +292,7 @@ def test_encoder_flops_fall_and_match_the_counter(family, strategy):
 @pytest.mark.parametrize("strategy", ["resolution", "encoder_pool"])
 def test_llava_full_feature_strategy_keeps_cls(strategy):
     """With vision_feature_select_strategy="full" the CLS token reaches the LLM too: kept, before the grid."""
-    vision = tf.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
-        patch_size=14, projection_dim=32,
-    )  # fmt: skip
-    model = tiny_model("llava", seed=3, vision_config=vision, vision_feature_select_strategy="full")
+    model = deep_clip_model("llava", vision_feature_select_strategy="full")
     inputs = make_inputs(model, [[3, "image", 2]])
     with vlmprune.patched(model, "fastvlm", keep=0.25, strategy=strategy), torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLMProbe, fastvlm_anyres_kept, get_model, inputs_for, reference_layout, valid_slots
+from conftest import (
+    LLMProbe,
+    deep_clip_model,
+    fastvlm_anyres_kept,
+    get_model,
+    inputs_for,
+    pool_4x4_by_hand,
+    reference_layout,
+    valid_slots,
+)
 from vlmprune.patches._base import split_budget
 
 import vlmprune
@@ -124,18 +133,6 @@ def test_tower_signals_run_per_crop(method, score):
 
 
 # ------------------------------------------------------------------------------ fastvlm's encoder strategies
-def deep_next(patch: int = 14) -> torch.nn.Module:
-    """A tiny LLaVA-NeXT whose CLIP tower has 4 blocks (LLaVA reads block 2's output), so a block can be pooled;
-    ``patch=7`` gives 8 x 8 patches per crop (reduced cells spanning 3-4 patches: a centre that is not the first)."""
-    import transformers as tf
-
-    vision = tf.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=56,
-        patch_size=patch, projection_dim=32,
-    )  # fmt: skip
-    return tiny_model("llava_next", seed=3, vision_config=vision)
-
-
 def _by_hand(model, inputs, keep, tower) -> torch.Tensor:
     """The LLM's tokens for image 0 of ``inputs`` under fastvlm's encoder strategies, from the model's own parts:
     ``tower(crops, (h2, w2))`` gives every crop's hidden states at LLaVA's feature layer on the reduced grid
@@ -179,7 +176,7 @@ def _patched_image_tokens(model, inputs, n_before, n_after, **config) -> torch.T
 def test_fastvlm_resolution_runs_every_crop_smaller(size, keep, patch):
     """Every tower input (base view and crops) resized to the reduced grid, CLIP's positions interpolated; the
     unpadded layout keeps one token per surviving reduced cell, within each part's share of the budget."""
-    model = get_model("llava_next") if patch == 14 else deep_next(patch)
+    model = get_model("llava_next") if patch == 14 else deep_clip_model("llava_next", patch)
     inputs = inputs_for(model, [[3, ("image", *size), 2]])
     got = _patched_image_tokens(model, inputs, 3, 2, keep=keep, strategy="resolution")
     p = model.config.vision_config.patch_size
@@ -202,24 +199,14 @@ def test_fastvlm_resolution_runs_every_crop_smaller(size, keep, patch):
 def test_fastvlm_encoder_pool_pools_every_crop(layer, size):
     """Pooled after block ``layer`` by hand (explicit 2x2 means, CLS kept) on every crop: the later blocks run on
     4 patches per crop, and the LLM gets those tokens, spread, packed and kept as for ``resolution``."""
-    model = deep_next()
+    model = deep_clip_model("llava_next")
     inputs = inputs_for(model, [[3, ("image", *size), 2]])
     got = _patched_image_tokens(model, inputs, 3, 2, keep=0.25, strategy="encoder_pool", layer=layer)
-
-    def by_hand(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        cells = []
-        for i in range(2):
-            for j in range(2):
-                idx = [1 + (2 * i + di) * 4 + (2 * j + dj) for di in range(2) for dj in range(2)]
-                cells.append(hidden[:, idx].mean(1))
-        pooled = torch.cat([hidden[:, :1], torch.stack(cells, 1)], 1)
-        return (pooled, *output[1:]) if isinstance(output, tuple) else pooled
 
     def tower(crops, new):
         assert new == (2, 2)
         vt = model.model.vision_tower
-        handle = getattr(vt, "vision_model", vt).encoder.layers[layer].register_forward_hook(by_hand)
+        handle = getattr(vt, "vision_model", vt).encoder.layers[layer].register_forward_hook(pool_4x4_by_hand)
         try:
             return vt(crops, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
         finally:
