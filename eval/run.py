@@ -218,11 +218,12 @@ class RunConfig:
                 mt = json.loads((Path(m) / "config.json").read_text()).get("model_type")
                 if mt not in vlmprune.list_supported_models():
                     raise ValueError(f"{m}: model_type {mt!r} is not supported ({vlmprune.list_supported_models()})")
-                if mt in NO_FLOP_FORMULA:  # every row reports analytic FLOPs: fail here, not after loading
+                if mt not in stats.FLOP_MODEL_TYPES:  # every row reports analytic FLOPs: fail before loading
                     raise ValueError(
-                        f"{m}: vlmprune.stats has no FLOP formula for {mt!r} yet ({NO_FLOP_FORMULA[mt]}), and every "
-                        "row of `eval run` reports analytic FLOPs. Run this model through the lmms-eval plugin "
-                        "(accuracy, vision tokens and TTFT per sample; no FLOPs), or add the formula."
+                        f"{m}: vlmprune.stats has no FLOP formula for {mt!r} yet (it has: "
+                        f"{', '.join(stats.FLOP_MODEL_TYPES)}), and every row of `eval run` reports analytic FLOPs. "
+                        "Run this model through the lmms-eval plugin (accuracy, vision tokens and TTFT per sample; "
+                        "no FLOPs), or add the formula."
                     )
                 info = Path(m) / "training.json"
                 data = json.loads(info.read_text()).get("data") if info.is_file() else None
@@ -356,13 +357,6 @@ def _timing_inputs(model: Any, name: str, cfg: RunConfig, processor: Any, rows: 
     else:  # a 672 x 672 image: 48 x 48 patches -> 576 tokens, LLaVA-1.5's count
         image = ("image", 48, 48) if "tiny" not in name else ("image", 8, 8)
     return make_inputs(model, [[half, image, cfg.text_tokens - half]])
-
-
-#: supported families whose vision tower has no analytic FLOP formula in vlmprune.stats yet
-NO_FLOP_FORMULA = {
-    "llava_onevision": "its SigLIP tower, optional attention-pooling head and anyres_max grid shrinking",
-    "fast_vlm": "its FastViTHD (timm) tower",
-}
 
 
 def _analytic(

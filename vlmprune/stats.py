@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FLOP_MODEL_TYPES",
     "FlopBreakdown",
     "llm_layer_flops",
     "llm_flops",
@@ -43,6 +44,10 @@ __all__ = [
     "register_cpu_sdpa_flops",
     "count_flops",
 ]
+
+
+#: the ``config.model_type`` values :func:`vision_flops` (and so :func:`prefill_flops`) has a formula for
+FLOP_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 @dataclasses.dataclass
@@ -198,6 +203,8 @@ def vision_flops(
     ``encoder_pool``: the blocks after its layer on the pooled grid, and the projector on the reduced tokens).
     """
     mt = model_config.model_type
+    if mt not in FLOP_MODEL_TYPES:
+        raise ValueError(f"no FLOP formula for model_type {mt!r} (formulas: {', '.join(FLOP_MODEL_TYPES)})")
     vc = model_config.vision_config
     strategy = getattr(config, "strategy", None) if getattr(config, "name", None) == "fastvlm" else None
     if mt in ("llava", "llava_next"):
@@ -228,7 +235,7 @@ def vision_flops(
                 small.append((t, h2 * m, w2 * m))
             grids = small
         return _qwen_vision_flops(vc, grids, window=mt == "qwen2_5_vl", qwen3=mt.startswith("qwen3")), 0.0
-    raise ValueError(f"no FLOP formula for model_type {mt!r}")
+    raise AssertionError(f"FLOP_MODEL_TYPES lists {mt!r} but vision_flops has no branch for it")
 
 
 def anyres_crops(model_config: Any, image_sizes: Any) -> list[int]:
