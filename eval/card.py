@@ -50,6 +50,14 @@ def card(path: Path, bench: str, n: int | None, methods: list[str], keeps: list[
     torch.set_num_threads(threads)
     model, processor = load_checkpoint(path)
     rows = benchmark_rows(bench, "test", n)
+    if n is None:
+        split_size = len(rows)
+    elif bench == "shapes":
+        from vlmprune.benchmarks import shapes
+
+        split_size = shapes.SPLIT_SIZES["test"]
+    else:
+        split_size = len(benchmark_rows(bench, "test", None))
     t0 = time.perf_counter()
     settings: list[Any] = [None] + [(m, k) for k in keeps for m in methods]
     results = evaluate(model, processor, rows, settings)
@@ -67,6 +75,7 @@ def card(path: Path, bench: str, n: int | None, methods: list[str], keeps: list[
         "benchmark": bench,
         "split": "test",
         "rows": len(rows),
+        "split_rows": split_size,
         "blind_baselines": blind,
         "results": [{k: v for k, v in r.items() if k != "correct"} for r in results],
         "correct": {r["setting"]: "".join(map(str, r["correct"])) for r in results},
@@ -89,12 +98,27 @@ def _command(info: dict, bench: str) -> str:
             f"python -m eval train --family {a.get('family')} --data {a.get('data', bench)} --steps {a.get('steps')} "
             f"--batch {a.get('batch')} --lr {a.get('lr')} --seed {a.get('seed')}"
         )
+        if a.get("questions_per_type", 1) != 1:
+            c += f" --questions-per-type {a['questions_per_type']}"
+        if a.get("caption_every"):
+            c += f" --caption-every {a['caption_every']}"
+        if a.get("pos_init", "random") != "random":
+            c += f" --pos-init {a['pos_init']}"
         if a.get("arch"):
             c += " --arch " + " ".join(a["arch"])
         if a.get("init"):
             c += f" --init {a['init']}"
         cmds.append(c)
     return "` then `".join(cmds)
+
+
+def _subset(out: dict) -> str:
+    """``test split, N questions``, or which ``N`` of the split's ``M`` questions were scored."""
+    n, total = out["rows"], out.get("split_rows", out["rows"])
+    if n < total:  # benchmark_rows' subsets: ShapesVQA's first n, easy-VQA's evenly spaced n
+        how = "the first" if out["benchmark"] == "shapes" else "evenly spaced"
+        return f"{how} {n} of the test split's {total} questions"
+    return f"test split, {n} questions"
 
 
 def _markdown(path: Path, bench: str, info: dict, out: dict, model: torch.nn.Module) -> str:
@@ -143,7 +167,7 @@ def _markdown(path: Path, bench: str, info: dict, out: dict, model: torch.nn.Mod
         "* Seeds: model initialisation and data stream seed " + str(args.get("seed")) + "; the benchmark's splits "
         "have their own fixed seeds (see the benchmark module).",
         "",
-        f"## Scores (test split, {out['rows']} questions, greedy, exact match on the first word)",
+        f"## Scores ({_subset(out)}, greedy, exact match on the first word)",
         "",
         "| | overall | " + " | ".join(types) + " |",
         "|---|---|" + "---|" * len(types),

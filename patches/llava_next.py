@@ -27,9 +27,9 @@ grid. How vlmprune treats that layout:
   shrinks alike, to the grid ``keep`` gives one CLIP input (``keep=0.11``: 24x24 -> 8x8, so the tower runs on
   64 patches per crop instead of 576); the projector's output is spread back over the full grids before the
   model packs them, and one token per reduced cell that survives the unpadding is kept, within each part's share
-  of the budget (cells the unpadding cut most go first when a share is smaller; with equal cover, the last in
-  raster order: at 0.11 of a 672 x 672 image 3 of the 320 reduced cells, the bottom-right ones of the base view and
-  of the crop grid). ``keep`` must be a fraction.
+  of the budget (cells the unpadding cut most go first when a share is smaller; among equally covered cells the
+  dropped ones are spread evenly, :func:`~vlmprune.methods.fastvlm.best_covered`: at 0.11 of a 672 x 672 image 3 of
+  the 320 reduced cells). ``keep`` must be a fraction.
   ``strategy="pool"`` pools each part after the encoder.
 
 LLaVA-OneVision (:mod:`vlmprune.patches.llava_onevision`) subclasses this adapter; its SigLIP tower and bilinear

@@ -156,7 +156,8 @@ def fastvlm_anyres_kept(model: torch.nn.Module, inputs: dict[str, Any], img: int
     of image ``img`` that reach the LLM. Every crop's ``s x s`` grid shrinks to the reduced grid of one CLIP input
     (cell of patch ``(r, c)``: ``(r * h2 // s, c * w2 // s)``); per part (base view, crops), one token per reduced
     cell that survives the unpadding (its centre ``((n-1)//2)`` of each run, else its first token); a part whose
-    share of the image's budget is smaller keeps its best-covered cells (ties: earlier); newlines always."""
+    share of the image's budget is smaller keeps its best-covered cells (equals at the cut: evenly spaced); newlines
+    always."""
     from vlmprune.patches._base import split_budget
 
     from vlmprune.config import resolve_budget
@@ -186,8 +187,18 @@ def fastvlm_anyres_kept(model: torch.nn.Module, inputs: dict[str, Any], img: int
             members = rows[cell[rows] == g]
             mid = members[is_centre[members]]
             reps.append((-int(members.numel()), int(mid[0] if mid.numel() else members[0])))
-        reps.sort()  # most covered first, then earlier (stable by token order among equals)
-        kept.append(torch.tensor(sorted(t for _, t in reps[:share]), dtype=torch.long))
+        reps.sort()  # most covered first, token order among equals
+        if share >= len(reps):
+            chosen = [t for _, t in reps]
+        elif share == 0:
+            chosen = []
+        else:  # strictly better covered than the share-th cell, then the tie at the cut evenly spaced
+            cut = reps[share - 1][0]
+            chosen = [t for cov, t in reps if cov < cut]
+            ties = [t for cov, t in reps if cov == cut]
+            m = share - len(chosen)
+            chosen += [ties[int((i + 0.5) * len(ties) / m)] for i in range(m)]
+        kept.append(torch.tensor(sorted(chosen), dtype=torch.long))
     return torch.cat(kept).sort().values
 
 

@@ -13,6 +13,7 @@ from conftest import LLMProbe, deep_clip_model, pool_4x4_by_hand, valid_slots
 import vlmprune
 from vlmprune.errors import ConfigError, UnsupportedModelError
 from vlmprune.methods.fastvlm import (
+    best_covered,
     cell_map,
     patchify_qwen,
     pool_patch_tokens,
@@ -81,6 +82,39 @@ def test_pool_patch_tokens_matches_hand_averages():
         for j in range(2):
             want = grid[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(2, 4, 5).mean(1)
             torch.testing.assert_close(out[:, 1 + i * 2 + j], want)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_covered_keeps_the_better_and_spreads_the_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 40, (1,), generator=g))
+    cover = torch.randint(1, 4, (n,), generator=g)
+    for k in range(n + 1):
+        got = best_covered(cover, k)
+        assert got.tolist() == sorted(set(got.tolist())) and got.numel() == k
+        if 0 < k < n:
+            cut = cover.sort(descending=True).values[k - 1]
+            assert set((cover > cut).nonzero().squeeze(-1).tolist()) <= set(got.tolist())
+            assert bool((cover[got] >= cut).all())
+            ties = (cover == cut).nonzero().squeeze(-1).tolist()
+            picked = [i for i in got.tolist() if cover[i] == cut]
+            # spread: every run of ties between two picks (and before the first / after the last) is about as long
+            # as ceil(len(ties) / len(picked)): nothing like "keep the first m, drop the tail"
+            slots = [ties.index(i) for i in picked]
+            gaps = [b - a - 1 for a, b in zip([-1, *slots], [*slots, len(ties)], strict=True)]
+            assert max(gaps) <= -(-(len(ties) - len(picked)) // len(picked)) + 1, (cover.tolist(), k, got.tolist())
+
+
+def test_best_covered_drops_evenly_on_an_uncut_grid():
+    # 320 equally covered cells, 317 places: the three dropped cells are spread, not the last three
+    got = best_covered(torch.ones(320, dtype=torch.long), 317)
+    dropped = sorted(set(range(320)) - set(got.tolist()))
+    assert (
+        len(dropped) == 3
+        and dropped[-1] < 319
+        and dropped[0] > 0
+        and min(b - a for a, b in zip(dropped, dropped[1:], strict=False)) > 80
+    )
 
 
 def test_config_validation():

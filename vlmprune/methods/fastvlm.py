@@ -194,6 +194,31 @@ class FastVLMConfig(PruneConfig):
         return FastVLMMethod(self)
 
 
+def best_covered(cover: torch.Tensor, k: int) -> torch.Tensor:
+    """Which ``k`` of the reduced cells to keep: the best covered, spread evenly among equals.
+
+    Args:
+        cover: ``(n,)`` how many packed tokens each cell covers, cells in token order.
+        k: cells to keep, ``0 <= k <= n``.
+
+    Returns:
+        ``(k,)`` int64 positions into ``cover``, ascending. Every cell covering more than the ``k``-th best is
+        kept; among the cells that tie with it, an evenly spaced subset (centred: ``floor((i + 1/2) * t / m)`` of
+        ``t`` ties for ``m`` places), so an uncut grid loses cells spread over the image, not its last rows.
+    """
+    n = cover.numel()
+    if k >= n:
+        return torch.arange(n, device=cover.device)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=cover.device)
+    cut = cover.sort(descending=True).values[k - 1]
+    above = (cover > cut).nonzero().squeeze(-1)
+    ties = (cover == cut).nonzero().squeeze(-1)
+    m = k - above.numel()
+    pick = ties[((2 * torch.arange(m, device=cover.device) + 1) * ties.numel()) // (2 * m)]
+    return torch.cat([above, pick]).sort().values
+
+
 class FastVLMMethod(Method):
     """Selection side of ``fastvlm``: the adapter's encoder hooks (``resolution`` / ``encoder_pool``) leave the
     reduced tokens at their cells' centre slots of the full grid; :meth:`select` keeps exactly those."""
@@ -259,8 +284,7 @@ class FastVLMMethod(Method):
         if rep is not None:  # anyres (LLaVA-NeXT): the adapter marks the packed token of every reduced cell
             idx = rep.nonzero().squeeze(-1)
             if idx.numel() > item.budget:  # this part's share is smaller: the cells unpadding cut most go first
-                cover = item.extras["fastvlm_cover"][idx]
-                idx = idx[torch.argsort(cover, descending=True, stable=True)[: item.budget]].sort().values
+                idx = idx[best_covered(item.extras["fastvlm_cover"][idx], item.budget)]
             unit = [1, *item.extras["fastvlm_unit_grid"]]
             info = {"reduced_grid": unit, "reduced_cells": int(rep.sum())}
             return Selection(idx.to(item.features.device), None, info)
