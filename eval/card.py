@@ -98,12 +98,6 @@ def _command(info: dict, bench: str) -> str:
             f"python -m eval train --family {a.get('family')} --data {a.get('data', bench)} --steps {a.get('steps')} "
             f"--batch {a.get('batch')} --lr {a.get('lr')} --seed {a.get('seed')}"
         )
-        if a.get("questions_per_type", 1) != 1:
-            c += f" --questions-per-type {a['questions_per_type']}"
-        if a.get("caption_every"):
-            c += f" --caption-every {a['caption_every']}"
-        if a.get("pos_init", "random") != "random":
-            c += f" --pos-init {a['pos_init']}"
         if a.get("arch"):
             c += " --arch " + " ".join(a["arch"])
         if a.get("init"):
