@@ -115,6 +115,10 @@ def _subset(out: dict) -> str:
     return f"test split, {n} questions"
 
 
+def _n_flag(out: dict) -> str:
+    return f" --n {out['rows']}" if out["rows"] < out.get("split_rows", out["rows"]) else ""
+
+
 def _markdown(path: Path, bench: str, info: dict, out: dict, model: torch.nn.Module) -> str:
     res = out["results"]
     full = res[0]
@@ -205,7 +209,8 @@ def _markdown(path: Path, bench: str, info: dict, out: dict, model: torch.nn.Mod
         "",
         "FastV prunes inside the LLM (from layer 2 on), so its vision-token count is the budget from that layer on. "
         f"Evaluation took {out['eval_minutes']} min on this machine; regenerate with "
-        f"`python -m eval card checkpoints/{path.name}` (writes `scores.json` too, with per-question results).",
+        f"`python -m eval card checkpoints/{path.name}{_n_flag(out)}` (writes `scores.json` too, with per-question "
+        "results).",
         "",
         "Licence: Apache-2.0, like vlmprune.",
         "",
