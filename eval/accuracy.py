@@ -53,24 +53,23 @@ def expand_settings(methods: list[str], keeps: list[float | int]) -> list[tuple[
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"
 ) -> tuple[torch.nn.Module, Any]:
-    """``(model, processor)`` from a local folder: the model class is picked by ``config.model_type``."""
+    """``(model, processor)`` from a local folder: the model class is the one vlmprune's adapter for
+    ``config.model_type`` names (every supported family). ``processor`` is ``None`` when the folder has no processor
+    or tokenizer files (weights only: enough for ``eval run --benchmark none``, which times synthetic inputs)."""
     import transformers as tf
+    from vlmprune.patches import ADAPTERS
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a checkpoint folder")
     cfg = tf.AutoConfig.from_pretrained(path)
-    classes = {
-        "llava": tf.LlavaForConditionalGeneration,
-        "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
-        "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
-        "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
-        "fast_vlm": tf.FastVlmForConditionalGeneration,
-    }
-    if cfg.model_type not in classes:
-        raise ValueError(f"{path}: model_type {cfg.model_type!r} is not one of {sorted(classes)}")
-    model = classes[cfg.model_type].from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
-    return model, load_processor(path)
+    if cfg.model_type not in ADAPTERS:
+        raise ValueError(f"{path}: model_type {cfg.model_type!r} is not one of {ADAPTERS.names()}")
+    cls = getattr(tf, ADAPTERS.get(cfg.model_type).hf_class)
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
+    files = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+    processor = load_processor(path) if any((path / f).is_file() for f in files) else None
+    return model, processor
 
 
 def benchmark_rows(name: str, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:

@@ -225,6 +225,13 @@ class RunConfig:
                         "Run this model through the lmms-eval plugin (accuracy, vision tokens and TTFT per sample; "
                         "no FLOPs), or add the formula."
                     )
+                files = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+                if self.benchmark != "none" and not any((Path(m) / f).is_file() for f in files):
+                    raise ValueError(
+                        f"{m} has no processor or tokenizer files, so it cannot answer --benchmark "
+                        f"{self.benchmark}: save its processor there, or time it on synthetic inputs with "
+                        "--benchmark none"
+                    )
                 info = Path(m) / "training.json"
                 data = json.loads(info.read_text()).get("data") if info.is_file() else None
                 if data and self.benchmark.split("-")[0] not in ("none", data):
@@ -350,8 +357,9 @@ def _timing_inputs(model: Any, name: str, cfg: RunConfig, processor: Any, rows: 
     half = cfg.text_tokens // 2
     if model.config.model_type == "llava":
         image: Any = "image"
-    elif model.config.model_type == "llava_next":  # (H, W) in pixels: 672 x 672 = LLaVA-NeXT's 2 x 2 crop grid
-        image = ("image", 672, 672) if "tiny" not in name else ("image", 112, 112)
+    elif model.config.model_type in ("llava_next", "llava_onevision"):  # (H, W) in pixels: a 2 x 2 crop grid
+        side = 2 * model.config.vision_config.image_size  # LLaVA-NeXT-7B: 672 x 672
+        image = ("image", side, side)
     elif cfg.image_patches is not None:
         image = ("image", *cfg.image_patches)
     else:  # a 672 x 672 image: 48 x 48 patches -> 576 tokens, LLaVA-1.5's count
@@ -369,6 +377,11 @@ def _analytic(
         grids = [tuple(int(v) for v in inputs["image_grid_thw"][0])]
     if cfg.model_type == "llava_next":  # the tower and projector run on every crop
         n_images = sum(stats.anyres_crops(cfg, inputs["image_sizes"]))
+    elif cfg.model_type == "llava_onevision":  # crops of a lone image, base views of several, video frames
+        frames = [int(v.shape[0]) for v in inputs.get("pixel_values_videos", [])]
+        n_images = stats.onevision_tower_inputs(
+            cfg, inputs.get("image_sizes"), inputs.get("batch_num_images"), video_frames=frames
+        )
     mcfg = setting_config(method, keep) if method is not None else None
     return stats.prefill_flops(
         cfg, n_text=n_text, vision_in=n_vis_in, vision_out=n_vis_out, config=mcfg, n_images=n_images, grids=grids

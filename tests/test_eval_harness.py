@@ -38,7 +38,7 @@ def test_bad_configs_fail_before_loading(tmp_path, args, message):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("model_type", ["llava_onevision", "fast_vlm"])
+@pytest.mark.parametrize("model_type", ["fast_vlm"])
 def test_families_without_a_flop_formula_fail_before_loading(tmp_path, model_type):
     """Supported by the patch, but every harness row reports analytic FLOPs: refused at validation with the remedy
     (before, the run crashed after loading the model)."""
@@ -49,6 +49,40 @@ def test_families_without_a_flop_formula_fail_before_loading(tmp_path, model_typ
     proc = _eval("run", "--models", str(folder), "--benchmark", "none", "--out", str(out), check=False)
     assert proc.returncode == 2 and "no FLOP formula" in proc.stderr and "lmms-eval" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_a_checkpoint_without_a_processor_needs_benchmark_none(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    proc = _eval("run", "--models", str(folder), "--benchmark", "shapes", "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "--benchmark none" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_checkpoint_folders_run_end_to_end(tmp_path, family):
+    """A weights-only local folder of each anyres family (saved with save_pretrained, loaded by ``eval run`` through
+    the adapter's class): synthetic timing inputs of a 2 x 2 crop grid, and analytic FLOPs equal to torch's counter
+    (OneVision: SigLIP tower inputs counted by vlmprune.stats.onevision_tower_inputs)."""
+    from vlmprune.testing import tiny_model
+
+    folder = tmp_path / family
+    tiny_model(family, seed=0).save_pretrained(folder)
+    out = tmp_path / "r.jsonl"
+    cfg = tmp_path / "c.json"
+    settings = {"rounds": 1, "warmup": 0, "decode_tokens": 2, "threads": 1, "benchmark": "none"}
+    cfg.write_text(
+        json.dumps({"models": [str(folder)], "methods": ["uniform"], "keep": [0.5], "out": str(out)} | settings)
+    )
+    _eval("run", "--config", str(cfg))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == [None, "uniform"]
+    for r in rows:
+        assert r["flops"]["vision"] > 0 and r["flops"]["projector"] > 0
+        assert r["flops_analytic_over_counter"] == pytest.approx(1.0, rel=1e-3)
+    base, pruned = rows
+    assert base["vision_tokens_at_llm"] == base["vision_tokens_in"] > pruned["vision_tokens_at_llm"]
+    assert pruned["flops"]["llm_prefill"] < base["flops"]["llm_prefill"]
 
 
 def test_config_file_unknown_key(tmp_path):

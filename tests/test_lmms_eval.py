@@ -363,6 +363,43 @@ def test_recorder_counts_qwen_grids_per_row():
         assert r["batch_rows"] == 2 and r["ttft_ms"] > 0
 
 
+def test_recorder_counts_onevision_tower_inputs_per_row():
+    """LLaVA-OneVision: a row with one image runs the tower on its crops, a row with two images on their base views
+    only, a video row on its frames; each row's FLOPs count exactly its own (vlmprune.stats.onevision_tower_inputs
+    per row, and the tower's real batch in total)."""
+    from vlmprune import stats
+    from vlmprune.testing import make_inputs, tiny_model
+
+    model = tiny_model("llava_onevision", seed=1)
+    config = vlmprune.make_config("uniform", keep=0.25)
+    spec = [[5, ("image", 112, 112), 3], [2, "image", 1, ("image", 56, 112), 1], [4, ("video", 2), 2]]
+    inputs = make_inputs(model, spec)
+    per_row = [
+        stats.onevision_tower_inputs(model.config, inputs["image_sizes"][:1], [1]),
+        stats.onevision_tower_inputs(model.config, inputs["image_sizes"][1:], [2]),
+        stats.onevision_tower_inputs(model.config, video_frames=[2]),
+    ]
+    assert per_row[1] == 2 and per_row[2] == 2 and per_row[0] > 1
+    seen = []
+    tower = model.model.vision_tower
+    hook = tower.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["pixel_values"]).shape[0]), with_kwargs=True
+    )
+    vlmprune.patch(model, config)
+    rec = plugin._Recorder(model, config, timing=True)
+    try:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        rec.remove()
+        hook.remove()
+        vlmprune.unpatch(model)
+    assert sum(seen) == sum(per_row)  # the prefill's tower calls (decode steps encode nothing)
+    assert len(rec.records) == 3
+    for r, n in zip(rec.records, per_row, strict=True):
+        assert r["vision_tokens_at_llm"] < r["vision_tokens_in"]
+        assert r["flops"] == _row_flops(model, config, r, n_images=n)
+
+
 def test_recorder_counts_anyres_crops_per_row():
     """LLaVA-NeXT: each row's vision FLOPs run the tower on its own images' base views and crops (3 for a 48 x 80
     image, 5 for 112 x 112 on the tiny model's pinpoints), and the newline tokens reach the LLM."""

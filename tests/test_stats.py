@@ -114,3 +114,43 @@ def test_moe_llm_flops_count_router_and_routed_experts():
     _close(counted["llm_prefill"] + experts, llm, rel=1e-3)
     vision, _ = stats.vision_flops(model.config, grids=[(1, 8, 12), (1, 4, 8)])
     assert counted["vision"] == vision and counted["lm_head"] == head
+
+
+ONEVISION_CASES = {
+    "one image, anyres crops": [[5, ("image", 112, 112), 2]],
+    "two images, base views": [[5, "image", 3, ("image", 112, 112), 2]],
+    "video": [[5, ("video", 3), 2]],
+    "two rows": [[5, ("image", 56, 112), 2], [4, "image", 1, "image", 6]],
+}
+
+
+@pytest.mark.parametrize("head", [True, False])
+@pytest.mark.parametrize("case", sorted(ONEVISION_CASES))
+def test_onevision_analytic_equals_counter(case, head):
+    """SigLIP tower (with and without its attention-pooling head) and projector, against FlopCounterMode; the
+    tower inputs (crops, base views, frames) against what the tower actually received."""
+    import transformers as tf
+
+    from vlmprune.testing import LLAVA_SIZES
+
+    vision = {k: v for k, v in LLAVA_SIZES["tiny"][0].items() if k != "projection_dim"}
+    model = tiny_model("llava_onevision", seed=1, vision_config=tf.SiglipVisionConfig(**vision, vision_use_head=head))
+    tower = model.model.vision_tower
+    assert (getattr(getattr(tower, "vision_model", tower), "head", None) is not None) == head
+    inputs = inputs_for(model, ONEVISION_CASES[case])
+    seen = []
+    handle = tower.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["pixel_values"]).shape[0]), with_kwargs=True
+    )
+    try:
+        counted = stats.count_flops(model, inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    frames = [int(v.shape[0]) for v in inputs.get("pixel_values_videos", [])]
+    n = stats.onevision_tower_inputs(
+        model.config, inputs.get("image_sizes"), inputs.get("batch_num_images"), video_frames=frames
+    )
+    assert n == sum(seen)
+    vision, projector = stats.vision_flops(model.config, n_images=n)
+    assert counted["vision"] == vision and counted["projector"] == projector
+    assert vision > 0 and projector > 0

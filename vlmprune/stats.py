@@ -20,6 +20,10 @@ Formulas (``n`` tokens through a block, ``d`` width, ``f`` MLP width, ``d_q = he
   5.0-5.24; ``vit_layers`` overrides it, e.g. for a tower truncated at the feature layer);
 * LLaVA projector: ``2 P d_v d_t + 2 P d_t^2`` per image (runs on all patches, before pruning); LLaVA-NeXT: the
   tower and projector run once per crop (base view included, :func:`anyres_crops`);
+* SigLIP tower (LLaVA-OneVision): as CLIP with ``N = P`` (no CLS), plus, when ``vision_use_head`` keeps it, the
+  pooling head ``2 d^2 (2 + 2P) + 4 P d + 4 d f`` (one probe query); projector as LLaVA's; once per tower input:
+  the crops of a sample's only image, one base view per image of a multi-image sample, one per video frame
+  (:func:`onevision_tower_inputs`);
 * Qwen ViT: patch conv ``2 S (C t_p p^2) d``; per block ``2 S d (3d) + 2 S d d`` + MLP (Qwen2-VL ``4 S d f``;
   Qwen2.5-VL gated ``6 S d f``; Qwen3-VL ``4 S d f``) + attention ``4 d sum(n_c^2)`` over its attention chunks
   (frames for full blocks, windows for Qwen2.5-VL's window blocks); merger ``2 (S/m^2) (d m^2)^2 + 2 (S/m^2) (d m^2)
@@ -41,13 +45,15 @@ __all__ = [
     "llm_flops_in_llm_pruning",
     "vision_flops",
     "prefill_flops",
+    "anyres_crops",
+    "onevision_tower_inputs",
     "register_cpu_sdpa_flops",
     "count_flops",
 ]
 
 
 #: the ``config.model_type`` values :func:`vision_flops` (and so :func:`prefill_flops`) has a formula for
-FLOP_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FLOP_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 @dataclasses.dataclass
@@ -147,6 +153,19 @@ def _clip_flops(
     return float(n_images * (2 * P * 3 * p * p * d + layers))
 
 
+def _siglip_flops(vc: Any, n_inputs: int) -> float:
+    """SigLIP tower FLOPs (LLaVA-OneVision): every block on the ``(image_size / patch)^2`` patches (no CLS), and,
+    where the config keeps it (``vision_use_head``; LLaVA-OneVision's checkpoints drop it), the attention-pooling
+    head: one probe query over the patches, its projections and MLP on that one token."""
+    p = vc.patch_size
+    P = (vc.image_size // p) ** 2
+    d, f = vc.hidden_size, vc.intermediate_size
+    per_input = 2 * P * 3 * p * p * d + vc.num_hidden_layers * (8 * P * d * d + 4 * P * d * f + 4 * P * P * d)
+    if getattr(vc, "vision_use_head", True):
+        per_input += 2 * d * d + 4 * P * d * d + 4 * P * d + 2 * d * d + 4 * d * f  # q; k, v; scores, mix; out; MLP
+    return float(n_inputs * per_input)
+
+
 def _qwen_vision_flops(vc: Any, grids: list[tuple[int, int, int]], window: bool, qwen3: bool = False) -> float:
     m = vc.spatial_merge_size
     d = getattr(vc, "embed_dim", None) if not (window or qwen3) else vc.hidden_size
@@ -197,7 +216,9 @@ def vision_flops(
     """``(vision tower, projector)`` FLOPs for the images of one prompt.
 
     LLaVA: ``n_images`` images; ``vit_layers`` = blocks run (default: all of them). LLaVA-NeXT: ``n_images``
-    counts the tower's inputs, i.e. every image's base view and high-resolution crops (:func:`anyres_crops`). Qwen-VL:
+    counts the tower's inputs, i.e. every image's base view and high-resolution crops (:func:`anyres_crops`).
+    LLaVA-OneVision: ``n_images`` counts the SigLIP tower's inputs (:func:`onevision_tower_inputs`: crops of a
+    sample's only image, one base view per image of a multi-image sample, one per video frame). Qwen-VL:
     ``grids`` = ``(t, h, w)`` patch grids (the merger is counted in the vision tower, as it lives there).
     ``config``: a ``fastvlm`` config makes the encoder's own work shrink (``resolution``: the smaller input;
     ``encoder_pool``: the blocks after its layer on the pooled grid, and the projector on the reduced tokens).
@@ -225,6 +246,16 @@ def vision_flops(
         dt = model_config.text_config.hidden_size
         proj = n_images * (2 * P_out * vc.hidden_size * dt + 2 * P_out * dt * dt)
         return _clip_flops(vc, n_images, vit_layers, P_in, pooled), float(proj)
+    if mt == "llava_onevision":
+        if strategy in ("resolution", "encoder_pool"):  # refused by the adapter too: it has no such hooks
+            raise ValueError(f"no FLOP formula for fastvlm's {strategy!r} strategy on {mt!r} (only 'pool' runs there)")
+        side = vc.image_size // vc.patch_size
+        P_out = side * side - (model_config.vision_feature_select_strategy == "default")  # drops a real patch
+        layers = model_config.vision_feature_layer
+        d_in = vc.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1)
+        dt = model_config.text_config.hidden_size
+        proj = n_images * (2 * P_out * d_in * dt + 2 * P_out * dt * dt)
+        return _siglip_flops(vc, n_images), float(proj)
     if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         grids = list(grids or [])
         if strategy == "resolution":
@@ -254,6 +285,31 @@ def anyres_crops(model_config: Any, image_sizes: Any) -> list[int]:
         )
         for hw in sizes
     ]
+
+
+def onevision_tower_inputs(
+    model_config: Any, image_sizes: Any = None, batch_num_images: Any = None, video_frames: Any = ()
+) -> int:
+    """LLaVA-OneVision: how many SigLIP inputs one prompt's images and videos make.
+
+    Args:
+        image_sizes: ``(n, 2)`` ``(H, W)`` of the prompt's images (``None``: no image).
+        batch_num_images: images per sample, as the model gets it; a sample with one image is split into anyres
+            crops (:func:`anyres_crops`), every image of a multi-image sample runs once, as its base view.
+            ``None`` means one image per sample (the model's own default).
+        video_frames: frames of each video (every frame is one tower input).
+    """
+    n = sum(int(f) for f in video_frames)
+    if image_sizes is None:
+        return n
+    sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else list(image_sizes)
+    counts = [int(c) for c in batch_num_images] if batch_num_images is not None else [1] * len(sizes)
+    crops = anyres_crops(model_config, sizes)
+    i = 0
+    for c in counts:
+        n += crops[i] if c == 1 else c
+        i += c
+    return n
 
 
 def prefill_flops(

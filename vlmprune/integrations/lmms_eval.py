@@ -401,15 +401,36 @@ class _Recorder:
             return [tuple(int(v) for v in row) for row in g] if isinstance(g, torch.Tensor) else []
 
         queues = {"image": grids_of("image_grid_thw"), "video": grids_of("video_grid_thw")}
-        anyres: list[tuple[int, int]] = []  # LLaVA-NeXT: (placeholders, tower inputs) per image, in batch order
+        # anyres families: (placeholders, tower inputs) per image and per video, in batch order
+        anyres: list[tuple[int, int]] = []
+        videos: list[tuple[int, int]] = []
+        state = getattr(self.model, "_vlmprune_state", None)
+        strategy = getattr(cfg, "vision_feature_select_strategy", None)
         if cfg.model_type == "llava_next" and isinstance(kw.get("image_sizes"), torch.Tensor):
             from vlmprune.patches.llava_next import LlavaNextAdapter
 
-            state = getattr(self.model, "_vlmprune_state", None)
             adapter = state.adapter if state is not None else LlavaNextAdapter()
             for hw in kw["image_sizes"]:
-                lay = adapter.layout(self.model, hw, cfg.vision_feature_select_strategy)
+                lay = adapter.layout(self.model, hw, strategy)
                 anyres.append((lay.n, lay.n_units))
+        elif cfg.model_type == "llava_onevision":  # a lone image: crops; several: base views; a video: its frames
+            from vlmprune.patches.llava_onevision import LlavaOnevisionAdapter
+
+            ov = state.adapter if state is not None else LlavaOnevisionAdapter()
+            if isinstance(kw.get("image_sizes"), torch.Tensor):
+                aspect = kw.get("vision_aspect_ratio") or cfg.vision_aspect_ratio
+                per_sample = kw.get("batch_num_images")
+                sizes = kw["image_sizes"]
+                lone = (
+                    [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(n)]
+                )
+                for hw, one in zip(sizes, lone, strict=True):
+                    lay = ov.image_layout(self.model, hw, strategy, aspect, one)
+                    anyres.append((lay.n, lay.n_units))
+            pv = kw.get("pixel_values_videos")
+            if isinstance(pv, torch.Tensor) and pv.ndim == 5:
+                frames = int(pv.shape[1])
+                videos = [(ov.video_layout(self.model, frames, strategy).n, frames)] * int(pv.shape[0])
 
         def take(kind: str, n_tokens: int) -> list[tuple[int, ...]]:
             """This row's grids: the next ones in the batch's order, until they cover its placeholders."""
@@ -434,12 +455,13 @@ class _Recorder:
                 if cfg.model_type == "llava":  # one CLIP image = (size / patch)^2 placeholders
                     per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
                     n_images = round(n_in / per_image)
-                elif anyres:  # this row's images, until they cover its placeholders: their crops run the tower
-                    covered = 0
-                    while anyres and covered < n_in:
-                        tokens, crops = anyres.pop(0)
-                        covered += tokens
-                        n_images += crops
+                elif anyres or videos:  # this row's images (videos), until they cover its placeholders
+                    for queue, need in ((anyres, int(img_in[r])), (videos, int(vid_in[r]))):
+                        covered = 0
+                        while queue and covered < need:
+                            tokens, units = queue.pop(0)
+                            covered += tokens
+                            n_images += units  # base views, crops and frames all run the tower
                 flops = _stats.prefill_flops(
                     cfg,
                     n_text=n_real - n_in,
