@@ -67,9 +67,28 @@ def load_checkpoint(
         raise ValueError(f"{path}: model_type {cfg.model_type!r} is not one of {ADAPTERS.names()}")
     cls = getattr(tf, ADAPTERS.get(cfg.model_type).hf_class)
     model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
-    files = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
-    processor = load_processor(path) if any((path / f).is_file() for f in files) else None
-    return model, processor
+    return model, load_processor(path) if has_processor(path) else None
+
+
+def has_processor(path: str | Path) -> bool:
+    """Whether a checkpoint folder carries a processor or tokenizer (else it holds weights only)."""
+    files = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+    return any((Path(path) / f).is_file() for f in files)
+
+
+def benchmark_size(name: str, split: str = "test") -> int:
+    """How many rows ``benchmark_rows(name, split)`` gives without ``n`` (counted without building them)."""
+    if name == "shapes":
+        from vlmprune.benchmarks import shapes
+
+        if split not in shapes.SPLIT_SIZES:
+            raise ValueError(f"split {split!r} has no fixed size")
+        return shapes.SPLIT_SIZES[split]
+    if name == "easyvqa":
+        from vlmprune.benchmarks import easyvqa
+
+        return easyvqa.size(split)
+    raise ValueError(f"unknown benchmark {name!r}; choose shapes or easyvqa")
 
 
 def benchmark_rows(name: str, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:

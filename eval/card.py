@@ -18,7 +18,7 @@ import torch
 import vlmprune
 from vlmprune.benchmarks import paired_difference
 
-from .accuracy import SHIPPED, benchmark_rows, evaluate, load_checkpoint, priors
+from .accuracy import SHIPPED, benchmark_rows, benchmark_size, evaluate, load_checkpoint, priors
 from .timing import git_sha, machine_info
 
 DEFAULT_METHODS = ["random", "uniform", "pool", "hiprune", "visionzip", "fastv", "vqtoken"]
@@ -50,14 +50,6 @@ def card(path: Path, bench: str, n: int | None, methods: list[str], keeps: list[
     torch.set_num_threads(threads)
     model, processor = load_checkpoint(path)
     rows = benchmark_rows(bench, "test", n)
-    if n is None:
-        split_size = len(rows)
-    elif bench == "shapes":
-        from vlmprune.benchmarks import shapes
-
-        split_size = shapes.SPLIT_SIZES["test"]
-    else:
-        split_size = len(benchmark_rows(bench, "test", None))
     t0 = time.perf_counter()
     settings: list[Any] = [None] + [(m, k) for k in keeps for m in methods]
     results = evaluate(model, processor, rows, settings)
@@ -75,7 +67,7 @@ def card(path: Path, bench: str, n: int | None, methods: list[str], keeps: list[
         "benchmark": bench,
         "split": "test",
         "rows": len(rows),
-        "split_rows": split_size,
+        "split_rows": benchmark_size(bench, "test"),
         "blind_baselines": blind,
         "results": [{k: v for k, v in r.items() if k != "correct"} for r in results],
         "correct": {r["setting"]: "".join(map(str, r["correct"])) for r in results},
@@ -106,17 +98,21 @@ def _command(info: dict, bench: str) -> str:
     return "` then `".join(cmds)
 
 
+def _is_subset(out: dict) -> bool:
+    return out["rows"] < out.get("split_rows", out["rows"])
+
+
 def _subset(out: dict) -> str:
     """``test split, N questions``, or which ``N`` of the split's ``M`` questions were scored."""
-    n, total = out["rows"], out.get("split_rows", out["rows"])
-    if n < total:  # benchmark_rows' subsets: ShapesVQA's first n, easy-VQA's evenly spaced n
+    n = out["rows"]
+    if _is_subset(out):  # benchmark_rows' subsets: ShapesVQA's first n, easy-VQA's evenly spaced n
         how = "the first" if out["benchmark"] == "shapes" else "evenly spaced"
-        return f"{how} {n} of the test split's {total} questions"
+        return f"{how} {n} of the test split's {out['split_rows']} questions"
     return f"test split, {n} questions"
 
 
 def _n_flag(out: dict) -> str:
-    return f" --n {out['rows']}" if out["rows"] < out.get("split_rows", out["rows"]) else ""
+    return f" --n {out['rows']}" if _is_subset(out) else ""
 
 
 def _markdown(path: Path, bench: str, info: dict, out: dict, model: torch.nn.Module) -> str:

@@ -64,7 +64,7 @@ import vlmprune
 from vlmprune import stats
 from vlmprune._ops import cache_bytes, output_cache
 
-from .accuracy import expand_settings, setting_config
+from .accuracy import expand_settings, has_processor, setting_config
 from .timing import interleaved, machine_info, peak_rss_delta, sync
 
 BENCHMARKS = ("shapes", "shapes-pope", "easyvqa", "none")
@@ -225,8 +225,7 @@ class RunConfig:
                         "Run this model through the lmms-eval plugin (accuracy, vision tokens and TTFT per sample; "
                         "no FLOPs), or add the formula."
                     )
-                files = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
-                if self.benchmark != "none" and not any((Path(m) / f).is_file() for f in files):
+                if self.benchmark != "none" and not has_processor(m):
                     raise ValueError(
                         f"{m} has no processor or tokenizer files, so it cannot answer --benchmark "
                         f"{self.benchmark}: save its processor there, or time it on synthetic inputs with "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import PatchBypassedError
-from ..stats import anyres_crops
+from ..stats import anyres_crops, onevision_lone_images
 from ._base import VisionItem, content_key
 from ._probes import ClipAttentionProbe
 from .llava_next import LlavaNextAdapter, _Layout, _PackedProbe
@@ -88,8 +88,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return [self.video_layout(model, int(pixels.shape[1]), strategy) for _ in features], pixels
         sizes = inputs.get("image_sizes")
         aspect = inputs.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
-        per_sample = inputs.get("batch_num_images")
-        anyres = [True] * len(features) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(n)]
+        anyres = onevision_lone_images(inputs.get("batch_num_images"), len(features))
         if sizes is None or len(sizes) != len(features) or len(anyres) != len(features):
             raise PatchBypassedError(
                 f"LLaVA-OneVision: {len(features)} images encoded but image_sizes / batch_num_images describe "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -200,6 +202,22 @@ def fastvlm_anyres_kept(model: torch.nn.Module, inputs: dict[str, Any], img: int
             chosen += [ties[int((i + 0.5) * len(ties) / m)] for i in range(m)]
         kept.append(torch.tensor(sorted(chosen), dtype=torch.long))
     return torch.cat(kept).sort().values
+
+
+@contextlib.contextmanager
+def tower_batches(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Within the block, the batch size of every call of ``model.model.vision_tower`` (what it actually encoded:
+    crops, base views, frames), appended to the yielded list."""
+    seen: list[int] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args[0] if args else kwargs["pixel_values"]).shape[0])
+
+    handle = model.model.vision_tower.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 class LLMProbe:

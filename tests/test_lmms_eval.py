@@ -21,6 +21,7 @@ import vlmprune
 if os.environ.get("VLMPRUNE_REQUIRE_LMMS") != "1":
     pytest.importorskip("lmms_eval", reason="the lmms extra is not installed")
 
+from conftest import tower_batches  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
@@ -322,6 +323,18 @@ def test_text_only_prompt_after_an_image_reads_no_stale_stats():
     assert txt["flops"]["vision"] == 0 and txt["ttft_ms"] is None
 
 
+def _recorded(model, config, inputs) -> tuple[list[dict], dict]:
+    """Patch, generate two tokens under the plugin's recorder, unpatch: ``(records, last_stats)``."""
+    vlmprune.patch(model, config)
+    rec = plugin._Recorder(model, config, timing=True)
+    try:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        return rec.records, vlmprune.last_stats(model)
+    finally:
+        rec.remove()
+        vlmprune.unpatch(model)
+
+
 def _row_flops(model, config, record: dict, **vision) -> dict:
     """The FLOPs ``vlmprune.stats`` gives for one recorded row (its text, vision tokens in / at the LLM, and the
     row's own vision work: ``grids`` or ``n_images``)."""
@@ -345,14 +358,7 @@ def test_recorder_counts_qwen_grids_per_row():
     model = tiny_model("qwen2_vl", seed=1)
     config = vlmprune.make_config("uniform", keep=0.5)
     inputs = make_inputs(model, [[5, ("image", 8, 12), 3], [2, ("image", 4, 8), 1]])
-    vlmprune.patch(model, config)
-    rec = plugin._Recorder(model, config, timing=True)
-    try:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        rec.remove()
-        vlmprune.unpatch(model)
-    r0, r1 = rec.records
+    (r0, r1), _ = _recorded(model, config, inputs)
     assert (r0["vision_tokens_in"], r1["vision_tokens_in"]) == (24, 8)  # (8 x 12) / 2^2, (4 x 8) / 2^2
     assert (r0["vision_tokens_at_llm"], r1["vision_tokens_at_llm"]) == (12, 4)
     assert [r0["prompt_tokens"], r1["prompt_tokens"]] == inputs["attention_mask"].sum(-1).tolist()
@@ -380,22 +386,11 @@ def test_recorder_counts_onevision_tower_inputs_per_row():
         stats.onevision_tower_inputs(model.config, video_frames=[2]),
     ]
     assert per_row[1] == 2 and per_row[2] == 2 and per_row[0] > 1
-    seen = []
-    tower = model.model.vision_tower
-    hook = tower.register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["pixel_values"]).shape[0]), with_kwargs=True
-    )
-    vlmprune.patch(model, config)
-    rec = plugin._Recorder(model, config, timing=True)
-    try:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        rec.remove()
-        hook.remove()
-        vlmprune.unpatch(model)
+    with tower_batches(model) as seen:
+        records, _ = _recorded(model, config, inputs)
     assert sum(seen) == sum(per_row)  # the prefill's tower calls (decode steps encode nothing)
-    assert len(rec.records) == 3
-    for r, n in zip(rec.records, per_row, strict=True):
+    assert len(records) == 3
+    for r, n in zip(records, per_row, strict=True):
         assert r["vision_tokens_at_llm"] < r["vision_tokens_in"]
         assert r["flops"] == _row_flops(model, config, r, n_images=n)
 
@@ -411,14 +406,7 @@ def test_recorder_counts_anyres_crops_per_row():
     inputs = make_inputs(model, [[5, "image", 3], [2, ("image", 112, 112), 1]])
     crops = stats.anyres_crops(model.config, inputs["image_sizes"])
     assert crops == [3, 5]
-    vlmprune.patch(model, config)
-    rec = plugin._Recorder(model, config, timing=True)
-    try:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        per_image = vlmprune.last_stats(model)["images"]
-    finally:
-        rec.remove()
-        vlmprune.unpatch(model)
-    for r, n_crops, image in zip(rec.records, crops, per_image, strict=True):
+    records, last = _recorded(model, config, inputs)
+    for r, n_crops, image in zip(records, crops, last["images"], strict=True):
         assert r["vision_tokens_at_llm"] == image["tokens_out"] < r["vision_tokens_in"] == image["tokens_in"]
         assert r["flops"] == _row_flops(model, config, r, n_images=n_crops)

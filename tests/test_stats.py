@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import get_model, inputs_for
+from conftest import get_model, inputs_for, tower_batches
 
 import vlmprune
 from vlmprune import stats
@@ -138,14 +138,8 @@ def test_onevision_analytic_equals_counter(case, head):
     tower = model.model.vision_tower
     assert (getattr(getattr(tower, "vision_model", tower), "head", None) is not None) == head
     inputs = inputs_for(model, ONEVISION_CASES[case])
-    seen = []
-    handle = tower.register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["pixel_values"]).shape[0]), with_kwargs=True
-    )
-    try:
+    with tower_batches(model) as seen:
         counted = stats.count_flops(model, inputs, logits_to_keep=1)
-    finally:
-        handle.remove()
     frames = [int(v.shape[0]) for v in inputs.get("pixel_values_videos", [])]
     n = stats.onevision_tower_inputs(
         model.config, inputs.get("image_sizes"), inputs.get("batch_num_images"), video_frames=frames

@@ -47,6 +47,7 @@ __all__ = [
     "prefill_flops",
     "anyres_crops",
     "onevision_tower_inputs",
+    "onevision_lone_images",
     "register_cpu_sdpa_flops",
     "count_flops",
 ]
@@ -303,13 +304,17 @@ def onevision_tower_inputs(
     if image_sizes is None:
         return n
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else list(image_sizes)
-    counts = [int(c) for c in batch_num_images] if batch_num_images is not None else [1] * len(sizes)
-    crops = anyres_crops(model_config, sizes)
-    i = 0
-    for c in counts:
-        n += crops[i] if c == 1 else c
-        i += c
-    return n
+    lone = onevision_lone_images(batch_num_images, len(sizes))
+    return n + sum(c if one else 1 for c, one in zip(anyres_crops(model_config, sizes), lone, strict=True))
+
+
+def onevision_lone_images(batch_num_images: Any, n_images: int) -> list[bool]:
+    """LLaVA-OneVision's rule, per image in batch order: is it its sample's only image (then it is split into
+    anyres crops; an image of a multi-image sample runs as its base view only)? ``batch_num_images`` ``(samples,)``
+    images per sample, or ``None``: every image alone, as the model assumes without it."""
+    if batch_num_images is None:
+        return [True] * n_images
+    return [int(c) == 1 for c in batch_num_images for _ in range(int(c))]
 
 
 def prefill_flops(

@@ -63,6 +63,11 @@ def load_image(path: str) -> Any:
         return im.convert("RGB")
 
 
+def size(split: str = "test") -> int:
+    """How many questions ``split`` has (what :func:`rows` returns without ``n``), without loading images."""
+    return len(_raw(split)[0])
+
+
 def rows(split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
     """Rows ``{id, image, question, answer, question_type}`` of ``split``, in the package's order.
 

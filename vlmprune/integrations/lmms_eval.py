@@ -419,11 +419,8 @@ class _Recorder:
             ov = state.adapter if state is not None else LlavaOnevisionAdapter()
             if isinstance(kw.get("image_sizes"), torch.Tensor):
                 aspect = kw.get("vision_aspect_ratio") or cfg.vision_aspect_ratio
-                per_sample = kw.get("batch_num_images")
                 sizes = kw["image_sizes"]
-                lone = (
-                    [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(n)]
-                )
+                lone = _stats.onevision_lone_images(kw.get("batch_num_images"), len(sizes))
                 for hw, one in zip(sizes, lone, strict=True):
                     lay = ov.image_layout(self.model, hw, strategy, aspect, one)
                     anyres.append((lay.n, lay.n_units))
